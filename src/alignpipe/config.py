@@ -1,0 +1,201 @@
+"""A recipe: one pydantic model per pipeline stage, loaded from YAML.
+
+Every model forbids unknown keys, so a typo fails at load time with its path
+(e.g. `synthesis.temprature: Extra inputs are not permitted`), before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignpipe import AlignpipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArithmeticTask(Strict):
+    kind: Literal["arithmetic"] = "arithmetic"
+    ops: list[Literal["+", "-", "*"]] = ["+", "-", "*"]
+    operands: int = Field(2, ge=2, le=4)
+    digits: tuple[int, int] = (2, 2)  # operand digit range for + and -
+    mul_range: tuple[int, int] = (2, 12)  # operand range for *
+    instruction: str = "Give only the final number."
+    seed: int = 0
+
+
+class Gsm8kTask(Strict):
+    kind: Literal["gsm8k"] = "gsm8k"
+    path: str
+    instruction: str = "Solve the problem. End with '#### <number>'."
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+
+
+class FileTask(Strict):
+    """Prompts from a jsonl/parquet file with `prompt` (or `question`) and `answer` columns."""
+
+    kind: Literal["file"] = "file"
+    path: str
+    heldout_path: str | None = None
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    instruction: str = ""
+    seed: int = 0
+
+
+class SynthesisConfig(Strict):
+    backend: Literal["transformers"] = "transformers"
+    prompts_per_round: int = Field(64, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class EvaluationConfig(Strict):
+    judge: Literal["math_verifier"] = "math_verifier"
+
+
+class InstantiationConfig(Strict):
+    kind: Literal["pair", "group"] = "pair"
+    pairs: Literal["best_vs_worst"] = "best_vs_worst"
+    min_margin: float = Field(0.0, ge=0)
+    drop_uniform_groups: bool = True  # a group whose scores all tie carries no signal
+
+
+class ObjectiveTerm(Strict):
+    """One term of the weighted objective list; every other key is a hyperparameter of the loss."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = 1.0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class OptimizationConfig(Strict):
+    objectives: list[ObjectiveTerm] = Field(default_factory=lambda: [ObjectiveTerm(name="dpo")])
+    lora: LoraConfig | None = Field(default_factory=LoraConfig)  # null = full fine-tuning
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)  # pairs or groups per optimizer step
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=8)
+    logprob_chunk: int = Field(1024, ge=1)  # positions per LM-head chunk
+    temperature: float = Field(1.0, gt=0)  # divide logits by the sampling temperature (on-policy RL)
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, terms: list[ObjectiveTerm]) -> list[ObjectiveTerm]:
+        from alignpipe.optimization.objectives import OBJECTIVES
+
+        if not terms:
+            raise ValueError("at least one objective is needed")
+        for term in terms:
+            if term.name not in OBJECTIVES:
+                raise ValueError(f"unknown objective {term.name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+            spec = OBJECTIVES[term.name]
+            unknown = set(term.params) - set(spec.defaults)
+            if unknown:
+                raise ValueError(
+                    f"objective {term.name!r} has no parameter {sorted(unknown)}; "
+                    f"it takes {sorted(spec.defaults) or 'none'}"
+                )
+        return terms
+
+
+class HeldoutEval(Strict):
+    n: int = Field(240, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class Recipe(Strict):
+    name: str = "run"
+    model: str | None = None  # HF model dir; None = the embedded SmolLM2-135M-Instruct
+    seed: int = 0
+    rounds: int = Field(1, ge=1)
+    output_dir: str = "runs"
+    task: ArithmeticTask | Gsm8kTask | FileTask = Field(default_factory=ArithmeticTask, discriminator="kind")
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    instantiation: InstantiationConfig = Field(default_factory=InstantiationConfig)
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    heldout: HeldoutEval = Field(default_factory=HeldoutEval)
+
+    @model_validator(mode="after")
+    def _objectives_match_instances(self) -> Recipe:
+        from alignpipe.optimization.objectives import OBJECTIVES
+
+        for term in self.optimization.objectives:
+            spec = OBJECTIVES[term.name]
+            if self.instantiation.kind not in spec.instances:
+                raise ValueError(
+                    f"objective {term.name!r} trains on {'/'.join(spec.instances)} examples, "
+                    f"but instantiation.kind is {self.instantiation.kind!r}"
+                )
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """A hash of the named sections (all when none): a stage whose inputs did not change is skipped."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {k: data[k] for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: invalid recipe: " + "; ".join(parts)
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe from YAML (None = the built-in quickstart); errors name the file and the key path."""
+    if path is None:
+        path = Path(__file__).parent / "recipes" / "quickstart.yaml"
+    path = Path(path)
+    if not path.is_file():
+        builtin = Path(__file__).parent / "recipes" / f"{path.stem}.yaml"
+        if path.suffix == "" and builtin.is_file():
+            path = builtin
+        else:
+            raise AlignpipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise AlignpipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise AlignpipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise AlignpipeError(_format_error(err, str(path))) from None

@@ -1,0 +1,79 @@
+"""A seeded arithmetic task with exact answers and disjoint train / held-out pools.
+
+Every problem is assigned to one pool by a hash of its text, so a problem can never be in both,
+whatever the seed or the number of rounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+
+from alignpipe.data import TaskData
+from alignpipe.records import Prompt
+
+HELDOUT_SHARE = 0.5  # share of each operation's problem space reserved for held-out evaluation
+
+
+def _operands(op: str, digits: tuple[int, int], mul_range: tuple[int, int]) -> range:
+    if op == "*":
+        return range(mul_range[0], mul_range[1] + 1)
+    return range(10 ** (digits[0] - 1) if digits[0] > 1 else 0, 10 ** digits[1])
+
+
+def _in_heldout(text: str) -> bool:
+    h = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < HELDOUT_SHARE
+
+
+def _problem(operands: tuple[int, ...], op: str, instruction: str) -> Prompt:
+    expr = f" {op} ".join(str(x) for x in operands)
+    answer = eval(expr)  # noqa: S307 - digits and + - * only, built here
+    text = f"What is {expr}? {instruction}".strip()
+    return Prompt(id=f"arith:{expr.replace(' ', '')}", prompt=text, task="math", reference=str(answer),
+                  meta={"op": op, "expression": expr})
+
+
+def pools(task) -> dict[str, tuple[list[tuple[int, ...]], list[tuple[int, ...]]]]:  # noqa: ANN001
+    """Per operation: (train operand tuples, held-out operand tuples)."""
+    out = {}
+    for op in task.ops:
+        values = _operands(op, tuple(task.digits), tuple(task.mul_range))
+        train, held = [], []
+        for combo in itertools.product(values, repeat=task.operands):
+            expr = f" {op} ".join(str(x) for x in combo)
+            (held if _in_heldout(expr) else train).append(combo)
+        out[op] = (train, held)
+    return out
+
+
+def _draw(rng: random.Random, task, pool_index: int, n: int) -> list[Prompt]:  # noqa: ANN001
+    """n problems, operation uniform; distinct within an operation until its pool runs out."""
+    by_op = {op: list(p[pool_index]) for op, p in pools(task).items()}
+    for combos in by_op.values():
+        rng.shuffle(combos)
+    cursor = dict.fromkeys(by_op, 0)
+    prompts = []
+    for _ in range(n):
+        op = rng.choice(task.ops)
+        combos = by_op[op]
+        combo = combos[cursor[op] % len(combos)]
+        cursor[op] += 1
+        prompts.append(_problem(combo, op, task.instruction))
+    return prompts
+
+
+def load(task, heldout_n: int) -> TaskData:  # noqa: ANN001
+    """A training pool (big enough for many rounds) and `heldout_n` held-out problems."""
+    heldout = _draw(random.Random(task.seed + 1), task, 1, heldout_n)
+    train = _draw(random.Random(task.seed), task, 0, 20000)
+    # Repeats within the training pool carry no new information: keep first occurrences.
+    seen, unique = set(), []
+    for p in train:
+        if p.id not in seen:
+            seen.add(p.id)
+            unique.append(p)
+    for i, p in enumerate(heldout):
+        p.id = f"{p.id}#{i}"  # held-out rows may repeat a problem when an operation's pool is small
+    return TaskData(train=unique, heldout=heldout)

@@ -1,0 +1,65 @@
+"""Prompt files: jsonl or parquet rows with `prompt` (or `question`) and an optional `answer`."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from alignpipe import AlignpipeError
+from alignpipe.data import TaskData
+from alignpipe.records import Prompt
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a jsonl or parquet file; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise AlignpipeError(f"prompts file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - any pyarrow failure means an unreadable file
+            raise AlignpipeError(f"{path}: not a readable parquet file ({exc})") from None
+    rows = []
+    with path.open() as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise AlignpipeError(f"{path}: line {i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise AlignpipeError(f"{path}: line {i}: expected a JSON object")
+            rows.append(row)
+    if not rows:
+        raise AlignpipeError(f"{path}: no rows")
+    return rows
+
+
+def to_prompts(rows: list[dict], path: str | Path, instruction: str = "") -> list[Prompt]:
+    prompts = []
+    for i, row in enumerate(rows, start=1):
+        text = row.get("prompt", row.get("question"))
+        if not isinstance(text, str) or not text.strip():
+            raise AlignpipeError(f"{path}: row {i}: missing or empty field 'prompt' (or 'question')")
+        answer = row.get("answer")
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise AlignpipeError(f"{path}: row {i}: field 'answer' must be text or a number")
+        full = f"{text.strip()}\n{instruction}".strip() if instruction else text.strip()
+        prompts.append(Prompt(id=str(row.get("id", f"file:{i}")), prompt=full, task=row.get("task", "math"),
+                              reference=None if answer is None else str(answer)))
+    return prompts
+
+
+def load(task, heldout_n: int) -> TaskData:  # noqa: ANN001
+    prompts = to_prompts(read_rows(task.path), task.path, task.instruction)
+    if task.heldout_path:
+        return TaskData(train=prompts, heldout=to_prompts(read_rows(task.heldout_path), task.heldout_path,
+                                                          task.instruction)[:heldout_n])
+    random.Random(task.seed).shuffle(prompts)
+    n_held = min(heldout_n, max(1, int(len(prompts) * task.heldout_fraction)))
+    return TaskData(train=prompts[n_held:], heldout=prompts[:n_held])

@@ -1,0 +1,186 @@
+"""Rounds of the closed loop: synthesis -> evaluation -> instantiation -> optimization -> next round.
+
+Every stage reads and writes files in the run directory. A stage whose output exists with the same
+fingerprint is read back instead of recomputed, so a killed run started again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from alignpipe.config import Recipe
+from alignpipe.data import load_task
+from alignpipe.data.chat import format_prompt
+from alignpipe.evaluation import judge_candidates
+from alignpipe.instantiation import best_vs_worst_pairs, groups_with_scores, score_of
+from alignpipe.models import load_policy, load_tokenizer, resolve_model_path
+from alignpipe.optimization.trainer import optimize
+from alignpipe.records import (
+    Candidate, GroupExample, Judgment, PairExample, Prompt, read_records, write_json, write_records,
+)
+from alignpipe.synthesis.transformers_backend import generate
+
+
+def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], list]) -> list:
+    """Read `path` if it was written with this fingerprint; otherwise compute, write atomically, record."""
+    stamp = path.with_name(path.name + ".fingerprint")
+    if path.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
+        return read_records(path, cls)
+    records = compute()
+    write_records(path, records, cls)
+    stamp.write_text(fingerprint)
+    return records
+
+
+def heldout_accuracy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path: Path, fingerprint: str,  # noqa: ANN001
+                     label: str) -> dict[str, Any]:
+    """Greedy accuracy on the held-out prompts; per-problem results are kept for paired statistics."""
+    h = recipe.heldout
+    candidates = cached_stage(
+        path / f"eval-{label}-candidates.parquet", fingerprint, Candidate,
+        lambda: generate(model, tokenizer, prompts, 1, 0.0, 1.0, h.max_new_tokens, h.batch_size,
+                         recipe.seed, {"eval": label}, f"held-out eval ({label})"),
+    )
+    judgments = judge_candidates(recipe.evaluation.judge, prompts, candidates)
+    correct = [score_of(j) for j in judgments]
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct}
+
+
+def paired_difference(before: list[float], after: list[float]) -> dict[str, float]:
+    """Mean of after - before on the same problems, with a normal 95% interval of the paired difference."""
+    d = [a - b for a, b in zip(after, before)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * math.sqrt(var / n)
+    return {"difference": mean, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def _attach_adapter(model, recipe: Recipe):  # noqa: ANN001, ANN202
+    lora = recipe.optimization.lora
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _save_checkpoint(model, tokenizer, path: Path) -> None:  # noqa: ANN001
+    tmp = path.with_name(f".{path.name}.tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_checkpoint(model, path: Path) -> None:  # noqa: ANN001
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    else:
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+
+
+def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    run_dir = Path(recipe.output_dir) / recipe.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    base_fp = recipe.fingerprint("model", "seed", "task", "synthesis", "evaluation", "instantiation",
+                                 "optimization")
+    eval_fp = recipe.fingerprint("model", "seed", "task", "evaluation", "heldout")
+
+    model_path = resolve_model_path(recipe.model)
+    tokenizer = load_tokenizer(model_path)
+    data = load_task(recipe.task, recipe.heldout.n)
+    needed = recipe.rounds * recipe.synthesis.prompts_per_round
+    pool = list(data.train)
+    random.Random(recipe.seed).shuffle(pool)
+    if len(pool) < needed:
+        console.print(f"[yellow]note: {len(pool)} training prompts for {needed} prompt slots: prompts repeat")
+    console.print(f"[bold]{recipe.name}[/]: model {model_path}, {len(pool)} training prompts, "
+                  f"{len(data.heldout)} held-out, {recipe.rounds} round(s)")
+
+    model = load_policy(model_path)
+    before = heldout_accuracy(model, tokenizer, data.heldout, recipe, run_dir, eval_fp, "before")
+    console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
+    model = _attach_adapter(model, recipe)
+    chat = lambda p: format_prompt(tokenizer, p.prompt)  # noqa: E731
+
+    rounds = []
+    for r in range(recipe.rounds):
+        rd = run_dir / f"round-{r:02d}"
+        fp = f"{base_fp}:{r}"
+        ckpt = rd / "checkpoint"
+        metrics_path = rd / "metrics.json"
+        torch.manual_seed(recipe.seed + r)
+        if ckpt.is_dir() and (rd / "checkpoint.fingerprint").is_file() and \
+                (rd / "checkpoint.fingerprint").read_text() == fp and metrics_path.is_file():
+            _load_checkpoint(model, ckpt)
+            rounds.append(yaml.safe_load(metrics_path.read_text()))
+            console.print(f"round {r}: done earlier, loaded {ckpt}")
+            continue
+        syn = recipe.synthesis
+        start = (r * syn.prompts_per_round) % max(len(pool), 1)
+        prompts = [pool[(start + i) % len(pool)] for i in range(syn.prompts_per_round)]
+        write_records(rd / "prompts.parquet", prompts, Prompt)
+        candidates = cached_stage(rd / "candidates.parquet", fp, Candidate, lambda: generate(
+            model, tokenizer, prompts, syn.samples_per_prompt, syn.temperature, syn.top_p, syn.max_new_tokens,
+            syn.batch_size, recipe.seed + r, {"model": str(model_path), "round": r}, f"round {r}: sampling"))
+        judgments = cached_stage(rd / "judgments.parquet", fp, Judgment,
+                                 lambda: judge_candidates(recipe.evaluation.judge, prompts, candidates))
+        inst = recipe.instantiation
+        if inst.kind == "pair":
+            examples, stats = best_vs_worst_pairs(prompts, candidates, judgments, chat, inst.min_margin,
+                                                  recipe.seed + r)
+            cls = PairExample
+        else:
+            examples, stats = groups_with_scores(prompts, candidates, judgments, chat, inst.drop_uniform_groups)
+            cls = GroupExample
+        write_records(rd / "examples.parquet", examples, cls)
+        scores = [score_of(j) for j in judgments]
+        train_metrics = optimize(model, tokenizer, examples, recipe.optimization, seed=recipe.seed + r)
+        _save_checkpoint(model, tokenizer, ckpt)
+        (rd / "checkpoint.fingerprint").write_text(fp)
+        metrics = {
+            "round": r, "prompts": len(prompts), "candidates": len(candidates),
+            "sample_reward": sum(scores) / max(len(scores), 1),
+            "judgments_not_ok": stats.judgments_not_ok, "examples": stats.examples,
+            "skipped_uniform": stats.skipped_uniform, "skipped_margin": stats.skipped_margin,
+            "train": train_metrics,
+        }
+        write_json(metrics_path, metrics)
+        rounds.append(metrics)
+        console.print(f"round {r}: sample reward {metrics['sample_reward']:.3f}, {stats.examples} {inst.kind}s "
+                      f"({stats.skipped_uniform} prompts all tied), loss {train_metrics.get('loss', float('nan')):.4f}")
+
+    after = heldout_accuracy(model, tokenizer, data.heldout, recipe, run_dir, f"{fp}:after:{eval_fp}", "after")
+    final = run_dir / "final_model"
+    _save_checkpoint(model, tokenizer, final)
+    summary = {
+        "name": recipe.name,
+        "before": {k: before[k] for k in ("accuracy", "n")},
+        "after": {k: after[k] for k in ("accuracy", "n")},
+        **paired_difference(before["correct"], after["correct"]),
+        "rounds": rounds,
+        "final_model": str(final.resolve()),
+        "base_model": str(Path(model_path).resolve()),
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary

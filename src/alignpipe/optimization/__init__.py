@@ -1,0 +1,1 @@
+"""Stage 4: optimization. Sequence log-probs, objectives (a registry of pure loss functions), the trainer."""

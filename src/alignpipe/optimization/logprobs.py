@@ -1,0 +1,95 @@
+"""Per-sequence log-probabilities of completion tokens, without a full-vocabulary log-softmax.
+
+The LM head runs only on completion positions (the prompt and padding never reach it), a chunk of
+positions at a time: gather the label logit, subtract the chunk's logsumexp. Under autograd each chunk
+is checkpointed, so its [chunk, vocab] logits are recomputed in backward instead of being kept.
+Peak extra memory is one chunk of logits instead of [batch, length, vocab] plus its log-softmax copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class SequenceLogps:
+    logps: torch.Tensor  # [B] sum over completion tokens
+    token_logps: torch.Tensor  # [B, L-1] per-token log-prob at target positions; 0 off the mask
+    mask: torch.Tensor  # [B, L-1] 1 where the target token is a completion token
+    lengths: torch.Tensor  # [B] completion tokens counted
+
+    @property
+    def mean_logps(self) -> torch.Tensor:
+        return self.logps / self.lengths.clamp(min=1)
+
+
+def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder backbone, LM head) of a causal LM, or None where logits need more than a linear head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    # Soft-capped or rescaled logits (Gemma 2, Cohere) are not a plain linear head: fall back.
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def _label_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, temperature: float) -> torch.Tensor:
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> SequenceLogps:
+    """Log-probs of completion tokens for right-padded `[prompt | completion | pad]` rows.
+
+    input_ids, attention_mask, completion_mask: [B, L]; completion_mask is 1 on completion tokens
+    (EOS included) only. Position t predicts token t+1, so outputs are [B, L-1].
+    `temperature`: divide logits by the sampling temperature (on-policy RL); 1 for offline methods.
+    """
+    targets = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].to(torch.bool)
+    parts = _split_head(model)
+    token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        selected = _label_logps_from_logits(logits[mask], targets[mask], temperature)
+    else:
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        hidden_sel, targets_sel = hidden[mask], targets[mask]  # [P, H], [P]: completion positions only
+        pieces = []
+        for start in range(0, hidden_sel.shape[0], chunk_size):
+            h, t = hidden_sel[start : start + chunk_size], targets_sel[start : start + chunk_size]
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(_label_logps, h, t, head, temperature, use_reentrant=False))
+            else:
+                pieces.append(_label_logps(h, t, head, temperature))
+        selected = torch.cat(pieces) if pieces else hidden_sel.new_zeros(0, dtype=torch.float32)
+    token_logps = token_logps.masked_scatter(mask, selected)
+    return SequenceLogps(
+        logps=token_logps.sum(-1), token_logps=token_logps, mask=mask.float(), lengths=mask.sum(-1).float()
+    )
+
+
+def _label_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,133 @@
+"""The data model: plain dataclasses that round-trip to Parquet, one file per stage.
+
+Field names follow TRL's dataset conventions where one exists (`prompt`, `completion`,
+`chosen`, `rejected`), so data moves between the two without glue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class Prompt:
+    id: str
+    prompt: str
+    task: str = "chat"
+    reference: str | None = None  # gold answer, unit tests or rubric
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    prompt_id: str
+    id: str
+    completion: str
+    source: dict[str, Any] = field(default_factory=dict)  # model, round, sampling params
+    logprob: float | None = None
+    num_tokens: int | None = None
+    truncated: bool = False  # generation hit max_new_tokens before EOS
+
+
+@dataclass
+class Judgment:
+    prompt_id: str
+    candidate_ids: list[str]
+    judge: str
+    scores: dict[str, float] = field(default_factory=dict)
+    preference: str | None = None  # pairwise: "first" / "second" / "tie"
+    steps: list[float] | None = None
+    rationale: str = ""
+    raw: str = ""
+    status: str = "ok"  # ok / invalid / error
+    reason: str = ""
+
+
+@dataclass
+class PointExample:
+    prompt: str
+    completion: str
+    score: float
+    label: bool
+    weight: float = 1.0
+
+
+@dataclass
+class PairExample:
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float
+    weight: float = 1.0
+    prompt_id: str = ""
+    chosen_truncated: bool = False  # no EOS was generated: none is appended in training
+    rejected_truncated: bool = False
+
+
+@dataclass
+class GroupExample:
+    prompt: str
+    completions: list[str]
+    scores: list[float]
+    prompt_id: str = ""
+    truncated: list[bool] = field(default_factory=list)
+
+
+R = TypeVar("R")
+
+# Nested dicts (meta, source, scores) are stored as JSON text: their keys vary from row to row,
+# which a fixed Arrow struct cannot hold.
+_JSON_FIELDS = {"meta", "source", "scores"}
+
+
+def to_rows(records: list[Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        row = asdict(r)
+        for k in _JSON_FIELDS & row.keys():
+            row[k] = json.dumps(row[k], sort_keys=True)
+        rows.append(row)
+    return rows
+
+
+def write_records(path: str | Path, records: list[Any], cls: type | None = None) -> None:
+    """Write records atomically: a killed write leaves the old file (or none), never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = to_rows(records)
+    if rows:
+        table = pa.Table.from_pylist(rows)
+    else:  # an empty stage output still needs its columns
+        names = [f.name for f in fields(cls)] if cls else []
+        table = pa.table({n: pa.array([], pa.null()) for n in names})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_records(path: str | Path, cls: type[R]) -> list[R]:
+    rows = pq.read_table(path).to_pylist()
+    names = {f.name for f in fields(cls)}
+    out = []
+    for row in rows:
+        row = {k: v for k, v in row.items() if k in names}
+        for k in _JSON_FIELDS & row.keys():
+            if isinstance(row[k], str):
+                row[k] = json.loads(row[k])
+        out.append(cls(**row))
+    return out
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

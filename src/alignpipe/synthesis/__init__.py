@@ -1,0 +1,1 @@
+"""Stage 1: synthesis. Generators turn prompts into candidate completions."""
