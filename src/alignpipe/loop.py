@@ -106,9 +106,9 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                                  "optimization")
     eval_fp = recipe.fingerprint("model", "seed", "task", "evaluation", "heldout")
 
+    data = load_task(recipe.task, recipe.heldout.n)  # bad prompt files fail before any model work
     model_path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(model_path)
-    data = load_task(recipe.task, recipe.heldout.n)
     needed = recipe.rounds * recipe.synthesis.prompts_per_round
     pool = list(data.train)
     random.Random(recipe.seed).shuffle(pool)

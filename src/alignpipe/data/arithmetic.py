@@ -64,16 +64,15 @@ def _draw(rng: random.Random, task, pool_index: int, n: int) -> list[Prompt]:  #
     return prompts
 
 
-def load(task, heldout_n: int) -> TaskData:  # noqa: ANN001
-    """A training pool (big enough for many rounds) and `heldout_n` held-out problems."""
+def load(task, heldout_n: int, train_n: int = 20000) -> TaskData:  # noqa: ANN001
+    """`train_n` training draws and `heldout_n` held-out problems, operation uniform in both.
+
+    Small operation spaces (2..12 times 2..12 has 121 problems) repeat within a split, so that both
+    splits follow the same mix of operations; rows get distinct ids (`#i`) all the same.
+    """
     heldout = _draw(random.Random(task.seed + 1), task, 1, heldout_n)
-    train = _draw(random.Random(task.seed), task, 0, 20000)
-    # Repeats within the training pool carry no new information: keep first occurrences.
-    seen, unique = set(), []
-    for p in train:
-        if p.id not in seen:
-            seen.add(p.id)
-            unique.append(p)
-    for i, p in enumerate(heldout):
-        p.id = f"{p.id}#{i}"  # held-out rows may repeat a problem when an operation's pool is small
-    return TaskData(train=unique, heldout=heldout)
+    train = _draw(random.Random(task.seed), task, 0, train_n)
+    for split in (heldout, train):
+        for i, p in enumerate(split):
+            p.id = f"{p.id}#{i}"
+    return TaskData(train=train, heldout=heldout)

@@ -10,8 +10,26 @@ Tensor names the trainer provides:
 - pair instances (B pairs): `chosen_logps`, `rejected_logps` [B] (token sums over the completion),
   `chosen_lengths`, `rejected_lengths` [B] (completion tokens incl. EOS), `ref_chosen_logps`,
   `ref_rejected_logps` [B] (same under the frozen reference), `margins`, `weights` [B].
+- per-token pair tensors [B, T] (trainer layout: position t predicts token t+1, 0 off the mask):
+  `chosen_token_logps`, `rejected_token_logps`, `ref_chosen_token_logps`, `ref_rejected_token_logps`,
+  `chosen_mask`, `rejected_mask` (1 on completion tokens, EOS included); TIS-DPO token weights
+  `chosen_token_weights`, `rejected_token_weights`; TDPO / TIS-DPO per-position full-vocabulary
+  KL(pi_ref || pi_theta) `chosen_token_kl`, `rejected_token_kl` (differentiable through pi_theta).
+- more pair tensors [B]: `chosen_logsumsq`, `rejected_logsumsq` (WPO: token sums of
+  log SUM_v pi(v|ctx)^2 under the policy); `sampled_logps`, `ref_sampled_logps` (SELM: a reference
+  sample for the same prompt); `chosen_margin_rewards`, `rejected_margin_rewards` [B, M-1] (MODPO);
+  reward-model heads `chosen_rewards`, `rejected_rewards` (Bradley-Terry); cost-model heads
+  `chosen_costs`, `rejected_costs` with bool `chosen_unsafe`, `rejected_unsafe` (Safe-RLHF cost model).
+- point instances (B completions): `logps`, `lengths`, `ref_logps` [B], `labels` [B] bool (True =
+  desirable), `scores` [B] (or [B, K] ratings), `weights` [B]; `kl_logps`, `ref_kl_logps` [B] (KTO z0:
+  token sums of mismatched prompt/completion pairs); `predicted_scores` [B] or [B, K] (regression reward
+  head); `optimal_values` [B] (A*PO V*(x)).
 - group instances (G groups of K): `token_logps`, `old_token_logps`, `ref_token_logps`, `completion_mask`
-  [G*K, T] (group-major), `rewards` [G, K].
+  [G*K, T] (group-major), `rewards` [G, K]; list methods read per-completion `logps`, `lengths`,
+  `ref_logps` [G*K] (token sums, group-major); PPO / Safe-RLHF critics `values`, `old_values`,
+  `cost_values`, `old_cost_values` [G*K, T] and `costs` [G, K]; ReMax `baseline_rewards` [G] (greedy decode).
+
+Names starting with `ref_` are reference-model quantities: they are what makes `needs_reference` true.
 
 Adding an objective: write the function in the family's module, decorate it with `@register(...)`,
 add one test. Reference needs, inputs and defaults are read off the signature.
@@ -99,4 +117,14 @@ def combined_loss(
 
 
 # Importing the family modules fills the registry.
-from alignpipe.optimization.objectives import groupwise, pairwise, pointwise  # noqa: E402,F401
+from alignpipe.optimization.objectives import (  # noqa: E402,F401
+    groupwise,
+    listwise,
+    multiobjective,
+    pairwise,
+    pairwise_extended,
+    pairwise_reffree,
+    pairwise_tokens,
+    pointwise,
+    rl,
+)

@@ -1,0 +1,55 @@
+import pytest
+
+from alignpipe import AlignpipeError
+from alignpipe.config import load_recipe
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_loads():
+    recipe = load_recipe()
+    assert recipe.name == "quickstart" and recipe.model is None
+    assert [t.name for t in recipe.optimization.objectives] == ["dpo", "sft"]
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    with pytest.raises(AlignpipeError, match=r"synthesis\.temprature: Extra inputs are not permitted"):
+        load_recipe(_write(tmp_path, "synthesis:\n  temprature: 0.7\n"))
+
+
+def test_bad_value_names_its_path(tmp_path):
+    with pytest.raises(AlignpipeError, match=r"synthesis\.samples_per_prompt"):
+        load_recipe(_write(tmp_path, "synthesis:\n  samples_per_prompt: 0\n"))
+    with pytest.raises(AlignpipeError, match=r"task\.arithmetic\.ops"):
+        load_recipe(_write(tmp_path, "task:\n  kind: arithmetic\n  ops: ['/']\n"))
+
+
+def test_unknown_objective_and_parameter(tmp_path):
+    with pytest.raises(AlignpipeError, match=r"unknown objective 'dop'"):
+        load_recipe(_write(tmp_path, "optimization:\n  objectives: [{name: dop}]\n"))
+    with pytest.raises(AlignpipeError, match=r"objective 'dpo' has no parameter \['bta'\]"):
+        load_recipe(_write(tmp_path, "optimization:\n  objectives: [{name: dpo, bta: 0.1}]\n"))
+
+
+def test_objective_must_match_instance_kind(tmp_path):
+    with pytest.raises(AlignpipeError, match=r"objective 'grpo' trains on group examples"):
+        load_recipe(_write(tmp_path, "optimization:\n  objectives: [{name: grpo}]\n"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(AlignpipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(AlignpipeError, match="not valid YAML"):
+        load_recipe(_write(tmp_path, "a: [1,\n"))
+    with pytest.raises(AlignpipeError, match="a recipe is a YAML mapping"):
+        load_recipe(_write(tmp_path, "- 1\n"))
+
+
+def test_overrides_apply_and_validate():
+    assert load_recipe(None, {"rounds": 2, "synthesis.temperature": 0.5}).synthesis.temperature == 0.5
+    with pytest.raises(AlignpipeError, match="rounds"):
+        load_recipe(None, {"rounds": 0})

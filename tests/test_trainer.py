@@ -1,0 +1,83 @@
+"""Training smoke tests on the tiny model: the loss falls and the signal the objective reads improves."""
+
+import torch
+
+from alignpipe.config import OptimizationConfig, ObjectiveTerm
+from alignpipe.models import load_policy, load_tokenizer
+from alignpipe.optimization.batching import collate, encode
+from alignpipe.optimization.logprobs import sequence_logps
+from alignpipe.optimization.trainer import optimize, reference_context
+from alignpipe.records import GroupExample, PairExample
+
+
+def _pairs(tok):
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    return [PairExample(prompt=prompt, chosen=c, rejected=r, margin=1.0)
+            for c, r in [("5", "6"), ("it is 5", "it is 7"), ("5.", "9."), ("five 5", "nine 9")]]
+
+
+def _preference_accuracy(model, tok, pairs):
+    rows = [encode(tok, p.prompt, p.chosen, False, 64) for p in pairs] + \
+           [encode(tok, p.prompt, p.rejected, False, 64) for p in pairs]
+    with torch.no_grad():
+        seq = sequence_logps(model.eval(), **collate(rows, tok.pad_token_id))
+    with torch.no_grad(), reference_context(model):
+        ref = sequence_logps(model, **collate(rows, tok.pad_token_id))
+    lr = seq.logps - ref.logps
+    n = len(pairs)
+    return (lr[:n] > lr[n:]).float().mean().item(), seq.logps[:n].mean().item()
+
+
+def test_dpo_with_lora_learns_pairs(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    tok = load_tokenizer(tiny_model_path)
+    model = get_peft_model(load_policy(tiny_model_path), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    pairs = _pairs(tok) * 4
+    cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="dpo", beta=0.5)], learning_rate=3e-3, batch_size=4,
+                             epochs=1)
+    first = optimize(model, tok, pairs, cfg, seed=0)
+    for _ in range(4):
+        last = optimize(model, tok, pairs, cfg, seed=1)
+    acc, _ = _preference_accuracy(model, tok, _pairs(tok))
+    assert last["loss"] < first["loss"] and acc == 1.0
+    assert last["dpo/margin"] > first["dpo/margin"] > -1.0
+
+
+def test_full_finetune_sft_raises_chosen_likelihood(tiny_model_path):
+    tok = load_tokenizer(tiny_model_path)
+    model = load_policy(tiny_model_path)
+    pairs = _pairs(tok)
+    _, before = _preference_accuracy(model, tok, pairs)
+    cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="sft")], lora=None, learning_rate=1e-3, batch_size=2,
+                             epochs=5)
+    metrics = optimize(model, tok, pairs, cfg)
+    _, after = _preference_accuracy(model, tok, pairs)
+    assert after > before + 1.0 and metrics["steps"] == 10
+
+
+def test_grpo_raises_group_reward(tiny_model_path):
+    """Completions with reward 1 gain probability relative to those with reward 0."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = load_tokenizer(tiny_model_path)
+    model = get_peft_model(load_policy(tiny_model_path), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "say 7"}], tokenize=False, add_generation_prompt=True)
+    groups = [GroupExample(prompt=prompt, completions=["7", "8", "7 7", "x"], scores=[1.0, 0.0, 1.0, 0.0])] * 8
+    cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="grpo", beta=0.0)], learning_rate=3e-3, batch_size=2,
+                             epochs=1)
+
+    def good_minus_bad():
+        rows = [encode(tok, prompt, c, False, 64) for c in groups[0].completions]
+        with torch.no_grad():
+            lp = sequence_logps(model.eval(), **collate(rows, tok.pad_token_id)).logps
+        return (lp[0] + lp[2] - lp[1] - lp[3]).item()
+
+    before = good_minus_bad()
+    # One optimizer step per generation batch: the policy is still the sampler, the ratio is exactly 1.
+    one_step = optimize(model, tok, groups, cfg.model_copy(update={"batch_size": len(groups)}))
+    assert one_step["steps"] == 1 and one_step["grpo/clip_fraction"] == 0.0
+    for _ in range(3):
+        optimize(model, tok, groups, cfg)
+    assert good_minus_bad() > before + 1.0
