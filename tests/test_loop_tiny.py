@@ -19,7 +19,7 @@ def recipe(tmp_path, tiny_model_path):
         "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.25},
         "synthesis": {"prompts_per_round": 8, "samples_per_prompt": 6, "max_new_tokens": 6, "temperature": 1.0},
         "optimization": {"objectives": [{"name": "dpo"}, {"name": "sft", "weight": 0.5}], "batch_size": 4,
-                         "lora": {"r": 4, "alpha": 8}},
+                         "adapter": {"r": 4, "alpha": 8}},
         "heldout": {"n": 10, "max_new_tokens": 6},
     })
 

@@ -35,7 +35,7 @@ def make_pair_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     for side in ("chosen", "rejected"):
         lengths = [rng.randint(1, T - 3) for _ in range(B)]
         starts = [rng.randint(0, T - n) for n in lengths]
-        mask = [[1 if s <= t < s + n else 0 for t in range(T)] for s, n in zip(starts, lengths)]
+        mask = [[1 if s <= t < s + n else 0 for t in range(T)] for s, n in zip(starts, lengths, strict=True)]
         tok = [[-rng.uniform(0.05, 4.0) if m else rng.uniform(-9, 9) for m in row] for row in mask]
         ref_tok = [[-rng.uniform(0.05, 4.0) if m else rng.uniform(-9, 9) for m in row] for row in mask]
         out[f"{side}_mask"] = torch.tensor(mask, dtype=torch.long)
@@ -78,8 +78,8 @@ def _lr(d, i):
 
 
 def _h(d, i):
-    w, l = _lr(d, i)
-    return w - l
+    lr_w, lr_l = _lr(d, i)
+    return lr_w - lr_l
 
 
 def ref_dpo(d, beta=0.1):
@@ -99,10 +99,10 @@ def ref_robust_dpo(d, beta=0.1, label_smoothing=0.1):
 def ref_ipo(d, beta=0.1, length_normalize=True):
     out = []
     for i in range(B):
-        w, l = _lr(d, i)
+        lr_w, lr_l = _lr(d, i)
         if length_normalize:
-            w, l = w / d["chosen_lengths"][i], l / d["rejected_lengths"][i]
-        out.append((w - l - 1 / (2 * beta)) ** 2)
+            lr_w, lr_l = lr_w / d["chosen_lengths"][i], lr_l / d["rejected_lengths"][i]
+        out.append((lr_w - lr_l - 1 / (2 * beta)) ** 2)
     return out
 
 
@@ -155,7 +155,7 @@ def ref_aot(d, beta=0.1, unpaired=False):
     else:
         a = sorted(d["chosen_logps"][i] - d["rejected_logps"][i] for i in range(B))
         b = sorted(d["ref_chosen_logps"][i] - d["ref_rejected_logps"][i] for i in range(B))
-    return [-lsig(beta * (x - y)) for x, y in zip(a, b)]
+    return [-lsig(beta * (x - y)) for x, y in zip(a, b, strict=True)]
 
 
 def ref_fdpo(d, beta=0.1, divergence="reverse_kl", alpha=0.5):
@@ -179,19 +179,19 @@ def _avg(d, i, prefix=""):
 def ref_simpo(d, beta=2.0, gamma_beta_ratio=0.25, label_smoothing=0.0, sft_weight=0.0):
     out = []
     for i in range(B):
-        w, l = _avg(d, i)
-        z = beta * w - beta * l - beta * gamma_beta_ratio
-        out.append(-(1 - label_smoothing) * lsig(z) - label_smoothing * lsig(-z) + sft_weight * -w)
+        avg_w, avg_l = _avg(d, i)
+        z = beta * avg_w - beta * avg_l - beta * gamma_beta_ratio
+        out.append(-(1 - label_smoothing) * lsig(z) - label_smoothing * lsig(-z) + sft_weight * -avg_w)
     return out
 
 
 def ref_orpo(d, beta=0.1):
     out = []
     for i in range(B):
-        w, l = _avg(d, i)
-        odds_w = w - math.log(1 - math.exp(w))
-        odds_l = l - math.log(1 - math.exp(l))
-        out.append(-w - beta * lsig(odds_w - odds_l))
+        avg_w, avg_l = _avg(d, i)
+        odds_w = avg_w - math.log(1 - math.exp(avg_w))
+        odds_l = avg_l - math.log(1 - math.exp(avg_l))
+        out.append(-avg_w - beta * lsig(odds_w - odds_l))
     return out
 
 
@@ -240,7 +240,7 @@ def ref_mmpo(d, beta=0.01, gamma=2.2):
 def ref_alphadpo(d, beta=2.5, gamma_beta_ratio=0.6, alpha=0.2, running_mean=None, running_std=None):
     d_pi = [_avg(d, i)[0] - _avg(d, i)[1] for i in range(B)]
     d_ref = [_avg(d, i, "ref_")[0] - _avg(d, i, "ref_")[1] for i in range(B)]
-    m = [p - r for p, r in zip(d_pi, d_ref)]
+    m = [p - r for p, r in zip(d_pi, d_ref, strict=True)]
     mu = statistics.fmean(m) if running_mean is None else running_mean
     s = statistics.stdev(m) if running_std is None else running_std
     return [-lsig(beta * (d_pi[i] - alpha * (m[i] - mu) / s - gamma_beta_ratio)) for i in range(B)]

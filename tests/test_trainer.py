@@ -50,7 +50,7 @@ def test_full_finetune_sft_raises_chosen_likelihood(tiny_model_path):
     model = load_policy(tiny_model_path)
     pairs = _pairs(tok)
     _, before = _preference_accuracy(model, tok, pairs)
-    cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="sft")], lora=None, learning_rate=1e-3, batch_size=2,
+    cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="sft")], adapter=None, learning_rate=1e-3, batch_size=2,
                              epochs=5)
     metrics = optimize(model, tok, pairs, cfg)
     _, after = _preference_accuracy(model, tok, pairs)

@@ -65,10 +65,11 @@ class EvaluationConfig(Strict):
 
 
 class InstantiationConfig(Strict):
-    kind: Literal["pair", "group"] = "pair"
+    kind: Literal["pair", "point", "group"] = "pair"
     pairs: Literal["best_vs_worst"] = "best_vs_worst"
     min_margin: float = Field(0.0, ge=0)
     drop_uniform_groups: bool = True  # a group whose scores all tie carries no signal
+    label_threshold: float = 0.5  # point: desirable when score >= threshold (the binarization rule)
 
 
 class ObjectiveTerm(Strict):
@@ -83,16 +84,23 @@ class ObjectiveTerm(Strict):
         return dict(self.model_extra or {})
 
 
-class LoraConfig(Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+class AdapterConfig(Strict):
+    """Parameter-efficient fine-tuning with peft; `adapter: null` in a recipe means full fine-tuning."""
+
+    method: Literal["lora", "ia3", "prefix_tuning"] = "lora"
+    r: int = Field(16, ge=1)  # lora
+    alpha: int = Field(32, ge=1)  # lora
+    dropout: float = Field(0.0, ge=0, lt=1)  # lora
+    target_modules: list[str] | str = "all-linear"  # lora, ia3
+    num_virtual_tokens: int = Field(16, ge=1)  # prefix_tuning
 
 
 class OptimizationConfig(Strict):
     objectives: list[ObjectiveTerm] = Field(default_factory=lambda: [ObjectiveTerm(name="dpo")])
-    lora: LoraConfig | None = Field(default_factory=LoraConfig)  # null = full fine-tuning
+    adapter: AdapterConfig | None = Field(default_factory=AdapterConfig)  # null = full fine-tuning
+    # "base": the frozen initial model (LoRA-disabled base, or a frozen copy under full fine-tuning);
+    # "round_start": the policy at the start of each round (iterative DPO's ref = M_t; sDPO's staged ref).
+    reference: Literal["base", "round_start"] = "base"
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(1, ge=1)
@@ -146,12 +154,21 @@ class Recipe(Strict):
     def _objectives_match_instances(self) -> Recipe:
         from alignpipe.optimization.objectives import OBJECTIVES
 
+        from alignpipe.optimization.instances import PROVIDED
+
+        kind = self.instantiation.kind
         for term in self.optimization.objectives:
             spec = OBJECTIVES[term.name]
-            if self.instantiation.kind not in spec.instances:
+            if kind not in spec.instances:
                 raise ValueError(
                     f"objective {term.name!r} trains on {'/'.join(spec.instances)} examples, "
-                    f"but instantiation.kind is {self.instantiation.kind!r}"
+                    f"but instantiation.kind is {kind!r}"
+                )
+            missing = [name for name in spec.inputs if name not in PROVIDED[kind]]
+            if missing:
+                raise ValueError(
+                    f"objective {term.name!r} needs {', '.join(missing)}, which {kind} examples built by this "
+                    f"pipeline do not carry"
                 )
         return self
 

@@ -6,6 +6,7 @@ fingerprint is read back instead of recomputed, so a killed run started again re
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable
@@ -20,11 +21,12 @@ from alignpipe.config import Recipe
 from alignpipe.data import load_task
 from alignpipe.data.chat import format_prompt
 from alignpipe.evaluation import judge_candidates
-from alignpipe.instantiation import best_vs_worst_pairs, groups_with_scores, score_of
-from alignpipe.models import load_policy, load_tokenizer, resolve_model_path
+from alignpipe.instantiation import best_vs_worst_pairs, groups_with_scores, labelled_points, score_of
+from alignpipe.models import attach_adapter, load_policy, load_tokenizer, resolve_model_path
+from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.trainer import optimize
 from alignpipe.records import (
-    Candidate, GroupExample, Judgment, PairExample, Prompt, read_records, write_json, write_records,
+    Candidate, GroupExample, Judgment, PairExample, PointExample, Prompt, read_records, write_json, write_records,
 )
 from alignpipe.synthesis.transformers_backend import generate
 
@@ -62,17 +64,6 @@ def paired_difference(before: list[float], after: list[float]) -> dict[str, floa
     var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
     half = 1.96 * math.sqrt(var / n)
     return {"difference": mean, "ci95_low": mean - half, "ci95_high": mean + half}
-
-
-def _attach_adapter(model, recipe: Recipe):  # noqa: ANN001, ANN202
-    lora = recipe.optimization.lora
-    if lora is None:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
 
 
 def _save_checkpoint(model, tokenizer, path: Path) -> None:  # noqa: ANN001
@@ -120,7 +111,12 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     model = load_policy(model_path)
     before = heldout_accuracy(model, tokenizer, data.heldout, recipe, run_dir, eval_fp, "before")
     console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
-    model = _attach_adapter(model, recipe)
+    opt = recipe.optimization
+    # Full fine-tuning against the frozen base needs the base itself; adapters get it by disabling them.
+    needs_copy = opt.adapter is None and opt.reference == "base" and any(
+        OBJECTIVES[t.name].needs_reference for t in opt.objectives)
+    reference_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_copy else None
+    model = attach_adapter(model, opt.adapter)
     chat = lambda p: format_prompt(tokenizer, p.prompt)  # noqa: E731
 
     rounds = []
@@ -149,13 +145,15 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         if inst.kind == "pair":
             examples, stats = best_vs_worst_pairs(prompts, candidates, judgments, chat, inst.min_margin,
                                                   recipe.seed + r)
-            cls = PairExample
+        elif inst.kind == "point":
+            examples, stats = labelled_points(prompts, candidates, judgments, chat, inst.label_threshold)
         else:
             examples, stats = groups_with_scores(prompts, candidates, judgments, chat, inst.drop_uniform_groups)
-            cls = GroupExample
+        cls = {"pair": PairExample, "point": PointExample, "group": GroupExample}[inst.kind]
         write_records(rd / "examples.parquet", examples, cls)
         scores = [score_of(j) for j in judgments]
-        train_metrics = optimize(model, tokenizer, examples, recipe.optimization, seed=recipe.seed + r)
+        train_metrics = optimize(model, tokenizer, examples, opt, seed=recipe.seed + r,
+                                 reference_model=reference_model)
         _save_checkpoint(model, tokenizer, ckpt)
         (rd / "checkpoint.fingerprint").write_text(fp)
         metrics = {

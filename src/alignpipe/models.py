@@ -94,6 +94,24 @@ def load_policy(path: str | Path, adapter: str | Path | None = None) -> PreTrain
     return model
 
 
+def attach_adapter(model: PreTrainedModel, adapter) -> PreTrainedModel:  # noqa: ANN001 - config.AdapterConfig
+    """Wrap `model` in a trainable peft adapter (LoRA, IA3 or prefix tuning); None = full fine-tuning."""
+    if adapter is None:
+        return model
+    import peft
+
+    if adapter.method == "lora":
+        config = peft.LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                                 target_modules=adapter.target_modules, task_type="CAUSAL_LM")
+    elif adapter.method == "ia3":
+        # IA3 rescales attention keys/values and the MLP input; "all-linear" is not accepted there.
+        config = peft.IA3Config(task_type="CAUSAL_LM") if adapter.target_modules == "all-linear" else \
+            peft.IA3Config(target_modules=adapter.target_modules, feedforward_modules=[], task_type="CAUSAL_LM")
+    else:
+        config = peft.PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
 def tiny_model_dir(target: str | Path, vocab_from: str | Path | None = None, seed: int = 0) -> Path:
     """Write a tiny random Llama (2 layers, width 64) with a small character-level-ish tokenizer.
 

@@ -55,8 +55,10 @@ class PointExample:
     prompt: str
     completion: str
     score: float
-    label: bool
+    label: bool  # desirable (KTO/BCO); set by the instantiation's binarization rule
     weight: float = 1.0
+    prompt_id: str = ""
+    truncated: bool = False
 
 
 @dataclass

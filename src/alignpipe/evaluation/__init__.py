@@ -7,12 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from alignpipe.evaluation.code_verifier import code_verifier
 from alignpipe.evaluation.math_verifier import math_verifier
+from alignpipe.evaluation.rules import rule_verifier
 from alignpipe.progress import progress
 from alignpipe.records import Candidate, Judgment, Prompt
 
 PointwiseJudge = Callable[[Prompt, Candidate], Judgment]
-JUDGES: dict[str, PointwiseJudge] = {"math_verifier": math_verifier}
+JUDGES: dict[str, PointwiseJudge] = {
+    "math_verifier": math_verifier,
+    "code_verifier": code_verifier,
+    "rule_verifier": rule_verifier,
+}
 
 
 def judge_candidates(judge: str, prompts: list[Prompt], candidates: list[Candidate]) -> list[Judgment]:

@@ -6,7 +6,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from alignpipe.records import Candidate, GroupExample, Judgment, PairExample, Prompt
+from alignpipe.records import Candidate, GroupExample, Judgment, PairExample, PointExample, Prompt
 
 
 @dataclass
@@ -85,4 +85,22 @@ def groups_with_scores(
                                 scores=scores, prompt_id=prompt.id,
                                 truncated=[c.truncated for c, _ in group]))
     stats.examples = len(out)
+    return out, stats
+
+
+def labelled_points(
+    prompts: list[Prompt], candidates: list[Candidate], judgments: list[Judgment], chat_prompt,  # noqa: ANN001
+    threshold: float = 0.5,
+) -> tuple[list[PointExample], BuildStats]:
+    """One example per candidate with its score, labelled desirable when score >= threshold (KTO/BCO).
+
+    Unlike pairs, a prompt whose candidates all tie still teaches something here (all desirable or all
+    undesirable), so nothing is skipped."""
+    grouped, not_ok = _grouped(prompts, candidates, judgments)
+    stats = BuildStats(prompts=len(grouped), judgments_not_ok=not_ok)
+    out = [PointExample(prompt=chat_prompt(prompt), completion=c.completion, score=s, label=s >= threshold,
+                        prompt_id=prompt.id, truncated=c.truncated)
+           for prompt, group in grouped for c, s in group]
+    stats.examples = len(out)
+    stats.extra["desirable"] = sum(p.label for p in out)
     return out, stats

@@ -29,6 +29,9 @@ class SequenceLogps:
 
 def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder backbone, LM head) of a causal LM, or None where logits need more than a linear head."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return None  # prefix/prompt tuning injects virtual tokens in the wrapper's forward
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     # Soft-capped or rescaled logits (Gemma 2, Cohere) are not a plain linear head: fall back.

@@ -31,32 +31,20 @@ def generate(
     """
     was_training = model.training
     model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     texts = [format_prompt(tokenizer, p.prompt) for p in prompts]
     rows = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
     rows.sort(key=lambda r: len(texts[r[0]]))
-    greedy = temperature == 0
     eos_ids = _eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
     results: dict[tuple[int, int], Candidate] = {}
     generator_seed = torch.Generator().manual_seed(seed)
     with progress() as bar:
         task = bar.add_task(description, total=len(rows), info="")
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
-            )
-            new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
-            for (i, j), tokens in zip(batch, new_tokens):
-                ended = [n for n, t in enumerate(tokens) if t in eos_ids]
-                body = tokens[: ended[0]] if ended else tokens
+            outputs = generate_batch(model, tokenizer, [texts[i] for i, _ in batch], max_new_tokens,
+                                     temperature, top_p, eos_ids)
+            for (i, j), (body, ended) in zip(batch, outputs, strict=True):
                 results[(i, j)] = Candidate(
                     prompt_id=prompts[i].id, id=f"{prompts[i].id}/{j}",
                     completion=tokenizer.decode(body, skip_special_tokens=True),
@@ -64,9 +52,44 @@ def generate(
                     num_tokens=len(body) + (1 if ended else 0), truncated=not ended,
                 )
             bar.update(task, advance=len(batch))
-    tokenizer.padding_side = padding_side
     model.train(was_training)
     return [results[(i, j)] for i in range(len(prompts)) for j in range(samples_per_prompt)]
+
+
+@torch.no_grad()
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_ids: list[int] | None = None,
+) -> list[tuple[list[int], bool]]:
+    """One continuation per already-formatted text, as one left-padded batch (temperature 0: greedy).
+
+    Returns, per text, the new token ids before the first EOS and whether an EOS ended the text.
+    Sampling draws from torch's global RNG: seed it before the call for reproducible samples.
+    """
+    eos_ids = _eos_ids(model, tokenizer) if eos_ids is None else eos_ids
+    greedy = temperature == 0
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = padding_side
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+        temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
+    )
+    results = []
+    for tokens in out[:, enc["input_ids"].shape[1] :].tolist():
+        ended = [n for n, t in enumerate(tokens) if t in eos_ids]
+        results.append((tokens[: ended[0]] if ended else tokens, bool(ended)))
+    return results
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,0 +1,22 @@
+"""The `alignpipe judge-eval` command as a typer-compatible function; cli.py registers it with
+`app.command("judge-eval")(judge_eval)`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def judge_eval(
+    pairs: str = typer.Option(..., "--pairs", help="Human-labelled pairs: jsonl/parquet, hh-rlhf or TRL "
+                              "prompt/chosen/rejected format"),
+    judge: list[str] = typer.Option(..., "--judge", help="Judge spec, repeatable: longer, shorter, "
+                                    "reward-model:DIR, pairwise|pointwise|rubric|additive[:MODEL], "
+                                    "both-orders:SPEC, ensemble:mean|median|vote|meta:SPEC+SPEC"),
+    json_out: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
+    limit: int | None = typer.Option(None, "--limit", help="Use only the first N pairs"),
+) -> None:
+    """Measure judges against human preference labels: agreement, position consistency, invalid rate,
+    length bias, length-controlled agreement and throughput."""
+    from alignpipe.evaluation.judge_eval import judge_eval_command
+
+    judge_eval_command(pairs, judge, json_out=json_out, limit=limit)

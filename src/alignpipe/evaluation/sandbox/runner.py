@@ -1,0 +1,272 @@
+"""Host side of a run: `run_python` writes the program into a fresh directory, starts the launcher (under
+`unshare` when there are namespaces to create), collects the program's output and the launcher's report,
+kills and cleans up whatever is left, and turns the report into a `SandboxResult`."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from alignpipe.evaluation.sandbox import launcher
+from alignpipe.evaluation.sandbox.cgroups import _Cgroup
+from alignpipe.evaluation.sandbox.config import SandboxConfig
+from alignpipe.evaluation.sandbox.launcher import _chown_tree, _kill_group
+from alignpipe.evaluation.sandbox.limits import _choose_uid, _release_uid, _rlimits
+from alignpipe.evaluation.sandbox.namespaces import (
+    _host_namespaces,
+    _minimal_env,
+    _namespaces_to_use,
+    _unshare_cmd,
+)
+from alignpipe.evaluation.sandbox.result import SandboxResult, _verdict
+
+_LAUNCHER = os.path.abspath(launcher.__file__)  # run as a script by path, never imported by the sandbox
+
+
+def run_python(code: str, config: SandboxConfig | None = None,
+               files: dict[str, str | bytes] | None = None) -> SandboxResult:
+    """Run `code` as `main.py` in the sandbox; `files` (relative path -> content) are placed beside it."""
+    cfg = config or SandboxConfig()
+    started = time.monotonic()
+    root = os.geteuid() == 0
+    python = os.path.abspath(cfg.python or sys.executable)
+    use = _namespaces_to_use(cfg)
+    notes: list[str] = []
+
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="alignpipe-sandbox-"))
+    uid = None
+    uid_unique = False
+    cgroup: _Cgroup | None = None
+    try:
+        _write_files(workdir, {"main.py": code, **(files or {})})
+        if root and cfg.drop_privileges:
+            uid, uid_unique = _choose_uid(python, use["mount"], notes)
+        if uid is not None and not use["mount"]:
+            _chown_tree(workdir, uid, uid)
+        if root and cfg.cgroups:
+            cgroup = _Cgroup(cfg.memory_bytes, cfg.max_processes + 1)
+            if not cgroup.dirs:
+                notes.append("no writable memory/pids cgroup: total memory and the cgroup process limit are "
+                             "not enforced")
+        launch = _launch_config(cfg, workdir, python, uid, uid_unique, use, cgroup)
+        proc, result_r = _start(launch, use)
+        out, err, report_bytes, backstop = _collect(proc, result_r, cfg)
+        if cgroup:
+            cgroup.kill_all()
+        if uid is not None and uid_unique and not use["pid"] and (backstop or not report_bytes):
+            _host_sweep_uid(python, uid)  # the launcher did not get to its own sweep
+    except BaseException:
+        _cleanup(workdir, uid, uid_unique, cgroup)
+        raise
+    oom_kills = cgroup.oom_kills() if cgroup else 0
+    pids_denied = cgroup.pids_denied() if cgroup else 0
+    workdir_removed = _cleanup(workdir, uid, uid_unique, cgroup)
+
+    try:
+        report = marshal.loads(report_bytes) if report_bytes else {}
+    except (EOFError, ValueError, TypeError):
+        report = {}
+    if pids_denied:
+        notes.append(f"cgroup refused {pids_denied} process creation(s)")
+    res = SandboxResult(status="error", reason="", stdout=out.text(), stderr=err.text(),
+                        stdout_bytes=out.total, stderr_bytes=err.total,
+                        stdout_truncated=out.total > out.cap, stderr_truncated=err.total > err.cap,
+                        elapsed_s=time.monotonic() - started, uid=uid, workdir=workdir,
+                        workdir_removed=workdir_removed, notes=notes + report.get("notes", []))
+    res.enforced = {**report.get("enforced", {}), "wall_time": True, "clean_env": True, "stdin_closed": True,
+                    "output_cap": True}
+    res.duration_s = report.get("duration_s", res.elapsed_s)
+    res.cpu_s, res.max_rss_kib = report.get("cpu_s"), report.get("max_rss_kib")
+    res.exit_code = report.get("exit_code")
+    if report.get("signal"):
+        res.signal = signal.Signals(report["signal"]).name
+    res.status, res.reason = _verdict(report, res, cfg, backstop, proc.returncode, oom_kills)
+    return res
+
+
+# -------------------------------------------------------------------------------------------- start-up
+
+
+def _write_files(workdir: str, files: dict[str, str | bytes]) -> None:
+    for rel, content in files.items():
+        target = os.path.normpath(os.path.join(workdir, rel))
+        if not target.startswith(workdir + os.sep):
+            raise ValueError(f"sandbox file path escapes the working directory: {rel!r}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+
+
+def _hidden_dirs(paths: tuple[str, ...]) -> list[str]:
+    """`SandboxConfig.hidden_paths` resolved: existing directories other than /, each once."""
+    hidden = []
+    for p in paths:
+        p = os.path.realpath(os.path.expanduser(p))
+        if p != "/" and os.path.isdir(p) and p not in hidden:
+            hidden.append(p)
+    return hidden
+
+
+def _interpreter_dirs(python: str) -> list[str]:
+    """Directories the interpreter needs: its install prefix, and the venv for the running one."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        dirs = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+    else:
+        dirs = {os.path.dirname(os.path.dirname(os.path.abspath(python))),
+                os.path.dirname(os.path.dirname(os.path.realpath(python)))}
+    return sorted({os.path.realpath(d) for d in dirs})
+
+
+def _launch_config(cfg: SandboxConfig, workdir: str, python: str, uid: int | None, uid_unique: bool,
+                   use: dict[str, bool], cgroup: _Cgroup | None) -> dict[str, Any]:
+    """The launcher's settings (marshalled onto its command line; `_start` adds `result_fd`). The program
+    runs under uid:gid `uid` (None: the launcher's own)."""
+    root = os.geteuid() == 0
+    program_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+                   "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    return {
+        "workdir": workdir, "python": python, "argv": [python, "-I", "-B", "main.py"], "env": program_env,
+        "uid": uid, "gid": uid, "uid_unique": uid_unique, "wall": cfg.wall_time_s,
+        "rlimits": _rlimits(cfg, count_user_processes=not root and not any(use.values())),
+        "mounts": use["mount"], "hidden": _hidden_dirs(cfg.hidden_paths), "expose": _interpreter_dirs(python),
+        "disk_bytes": cfg.disk_bytes, "cgroup_procs": cgroup.procs_files if cgroup else [],
+        "cgroup_pids": bool(cgroup and "pids" in cgroup.dirs),
+        "cgroup_memory": bool(cgroup and "memory" in cgroup.dirs),
+        "host_ns": _host_namespaces(), "require": list(cfg.require), "root": root,
+    }
+
+
+def _start(launch: dict[str, Any], use: dict[str, bool]) -> tuple[subprocess.Popen, int]:
+    """Start the launcher in a new session, with a minimal environment; returns it and the read end of the
+    pipe it writes its report to."""
+    result_r, result_w = os.pipe()
+    launch = {**launch, "result_fd": result_w}
+    cmd = _unshare_cmd([name for name, on in use.items() if on],
+                       [sys.executable, "-I", "-S", _LAUNCHER, "--launch", marshal.dumps(launch).hex()])
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=(result_w,), start_new_session=True,
+                                env=_minimal_env(), cwd="/")
+    except BaseException:
+        os.close(result_r)
+        raise
+    finally:
+        os.close(result_w)
+    return proc, result_r
+
+
+# ------------------------------------------------------------------------------------- waiting, output
+
+
+class _Tail:
+    """The last `cap` bytes of a stream, and how many bytes went through."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.buf, self.total = cap, bytearray(), 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.buf += chunk[-self.cap:]
+        if len(self.buf) > self.cap:
+            del self.buf[: len(self.buf) - self.cap]
+
+    def text(self) -> str:
+        return self.buf.decode("utf-8", errors="replace")
+
+
+def _exited(pid: int) -> bool:
+    """Whether a child has exited, without reaping it (so its pid and process group id stay reserved)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _collect(proc: subprocess.Popen, result_r: int, cfg: SandboxConfig) -> tuple[_Tail, _Tail, bytes, bool]:
+    """Read stdout, stderr and the launcher's report until all close; kill everything at the backstop."""
+    out, err = _Tail(cfg.max_output_bytes), _Tail(cfg.max_output_bytes)
+    report = _Tail(1 << 20)
+    sel = selectors.DefaultSelector()
+    for stream, sink in ((proc.stdout, out), (proc.stderr, err)):
+        os.set_blocking(stream.fileno(), False)
+        sel.register(stream.fileno(), selectors.EVENT_READ, sink)
+    os.set_blocking(result_r, False)
+    sel.register(result_r, selectors.EVENT_READ, report)
+    deadline = time.monotonic() + cfg.wall_time_s + cfg.setup_grace_s
+    backstop = False
+    exited_at: float | None = None
+    try:
+        while sel.get_map():
+            now = time.monotonic()
+            if exited_at is None and _exited(proc.pid):
+                exited_at = now
+            if exited_at is not None and now - exited_at > 2.0:
+                break  # the launcher is gone; whatever still holds a pipe is killed below
+            if now > deadline:
+                backstop = True
+                _kill_group(proc.pid)
+                deadline = now + 5.0
+            for key, _ in sel.select(timeout=0.1 if exited_at is None else 0.02):
+                try:
+                    chunk = os.read(key.fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if chunk:
+                    key.data.add(chunk)
+                else:
+                    sel.unregister(key.fd)
+    finally:
+        sel.close()
+        os.close(result_r)
+        proc.stdout.close()
+        proc.stderr.close()
+        _kill_group(proc.pid)  # before reaping: the group id cannot have been reused
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return out, err, bytes(report.buf), backstop
+
+
+# --------------------------------------------------------------------------------------------- cleanup
+
+
+def _host_sweep_uid(python: str, uid: int) -> None:
+    """Kill every process of a sandbox-private uid from the host (used when the launcher died)."""
+    code = "import os\nfor _ in range(2):\n    try:\n        os.kill(-1, 9)\n    except OSError:\n        pass\n"
+    try:
+        subprocess.run([python, "-I", "-S", "-c", code], user=uid, group=uid, extra_groups=[],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=_minimal_env(), cwd="/", timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
+def _rmtree(path: str) -> bool:
+    def retry(func: Any, p: str, _exc: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=retry)
+    return not os.path.lexists(path)
+
+
+def _cleanup(workdir: str, uid: int | None, uid_unique: bool, cgroup: _Cgroup | None) -> bool:
+    """Remove the cgroup, give back the private uid and remove the working directory (whether it went)."""
+    if cgroup:
+        cgroup.remove()
+    if uid is not None and uid_unique:
+        _release_uid(uid)
+    return _rmtree(workdir)

@@ -1,0 +1,253 @@
+"""Text backends: chat conversations in, one completion text per conversation out.
+
+Both implement `alignpipe.evaluation.base.TextBackend` (`name`, `complete(...)`), so any LLM judge runs
+on a local transformers model or on an OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI).
+
+A conversation that could not be completed is not an exception and not a lost row: its slot in the
+returned list holds a `BackendError`, a `str` subclass whose text is the reason. Judges record such a
+slot as a judgment with `status="error"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]  # {"role": ..., "content": ...}, as in alignpipe.evaluation.base
+
+
+class BackendError(str):
+    """Marks a conversation the backend could not complete; the string is the reason."""
+
+    __slots__ = ()
+
+
+def is_backend_error(text: str) -> bool:
+    return isinstance(text, BackendError)
+
+
+class TransformersBackend:
+    """A local causal LM through its chat template: batched, left-padded, greedy unless temperature > 0.
+
+    Conversations are sorted by length so a batch pads little; outputs come back in input order.
+    Sampling is seeded from `seed` and the number of earlier `complete()` calls, so a run is repeatable.
+    A batch that fails (for example out of memory) yields `BackendError`s for its rows only.
+    """
+
+    def __init__(self, model_path: str | Path, batch_size: int = 16, top_p: float = 1.0, seed: int = 0,
+                 name: str | None = None, device: str | None = None):
+        from alignpipe.models import load_policy, load_tokenizer
+
+        self.model_path = Path(model_path)
+        self.name = name or self.model_path.resolve().name
+        self.batch_size = batch_size
+        self.top_p = top_p
+        self.seed = seed
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.model = load_policy(self.model_path)
+        if device is not None:
+            self.model.to(device)
+        self.model.eval()
+        self._calls = 0
+
+    def complete(self, conversations: list[list[Message]], max_new_tokens: int = 256,
+                 temperature: float = 0.0) -> list[str]:
+        import torch
+
+        from alignpipe.data.chat import format_messages
+        from alignpipe.synthesis.transformers_backend import _eos_ids, generate_batch
+
+        texts = [format_messages(self.tokenizer, conv) for conv in conversations]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        eos_ids = _eos_ids(self.model, self.tokenizer)
+        seeds = torch.Generator().manual_seed(self.seed + self._calls)
+        self._calls += 1
+        out: list[str] = [BackendError("not generated")] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
+            try:
+                results = generate_batch(self.model, self.tokenizer, [texts[i] for i in batch], max_new_tokens,
+                                         temperature, self.top_p, eos_ids)
+            except Exception as exc:  # noqa: BLE001 - a failed batch is recorded per row, never raised
+                log.warning("generation failed for a batch of %d: %s: %s", len(batch), type(exc).__name__, exc)
+                for i in batch:
+                    out[i] = BackendError(f"generation failed: {type(exc).__name__}: {exc}")
+                continue
+            for i, (tokens, _ended) in zip(batch, results, strict=True):
+                out[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return out
+
+
+@dataclass
+class BackendStats:
+    requests: int = 0  # HTTP attempts made
+    retries: int = 0
+    timeouts: int = 0
+    failed: int = 0  # conversations that ended as BackendError
+
+
+class OpenAIBackend:
+    """Chat completions from an OpenAI-compatible server (`POST {base_url}/chat/completions`).
+
+    - `base_url` includes the API version prefix, e.g. `http://127.0.0.1:8000/v1`.
+    - Up to `concurrency` requests are in flight at once (an asyncio semaphore over one connection pool).
+    - Each attempt has a total deadline of `timeout` seconds.
+    - HTTP 429, 5xx, timeouts and connection errors are retried up to `max_retries` times with exponential
+      backoff (`backoff * 2**attempt`, capped at `max_backoff`; a 429's `Retry-After` is honoured up to the
+      cap). Other 4xx answers and malformed bodies are not retried.
+    - The API key is read from the environment variable `api_key_env` at each call and sent as a bearer
+      token; without the variable no Authorization header is sent (local servers). It is never stored,
+      logged or shown in `repr`.
+    - Every conversation gets an answer slot: text, or a `BackendError` with the last failure.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
+                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.5,
+                 max_backoff: float = 20.0, name: str | None = None, extra_body: dict | None = None):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.name = name or model
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.extra_body = dict(extra_body or {})
+        self.stats = BackendStats()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"OpenAIBackend(url={self.url!r}, model={self.model!r}, concurrency={self.concurrency}, "
+                f"timeout={self.timeout}, max_retries={self.max_retries})")
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def complete(self, conversations: list[list[Message]], max_new_tokens: int = 256,
+                 temperature: float = 0.0) -> list[str]:
+        """Synchronous wrapper over `acomplete`; safe to call from inside a running event loop."""
+        coro_args = (conversations, max_new_tokens, temperature)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.acomplete(*coro_args))
+        box: dict[str, object] = {}
+
+        def runner() -> None:
+            try:
+                box["out"] = asyncio.run(self.acomplete(*coro_args))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                box["exc"] = exc
+
+        thread = threading.Thread(target=runner, name="openai-backend", daemon=True)
+        thread.start()
+        thread.join()
+        if "exc" in box:
+            raise box["exc"]  # type: ignore[misc]
+        return box["out"]  # type: ignore[return-value]
+
+    async def acomplete(self, conversations: list[list[Message]], max_new_tokens: int = 256,
+                        temperature: float = 0.0) -> list[str]:
+        semaphore = asyncio.Semaphore(self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), limits=limits,
+                                     headers=self._headers()) as client:
+
+            async def one(conv: list[Message]) -> str:
+                async with semaphore:
+                    return await self._request(client, conv, max_new_tokens, temperature)
+
+            return list(await asyncio.gather(*(one(c) for c in conversations)))
+
+    async def _request(self, client: httpx.AsyncClient, conv: list[Message], max_new_tokens: int,
+                       temperature: float) -> str:
+        body = {**self.extra_body, "model": self.model, "messages": conv, "max_tokens": max_new_tokens,
+                "temperature": temperature}
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count(retries=1)
+            self._count(requests=1)
+            retry_after: float | None = None
+            try:
+                resp = await asyncio.wait_for(client.post(self.url, json=body), self.timeout)
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                self._count(timeouts=1)
+                reason = f"timeout after {self.timeout:g}s"
+            except httpx.TransportError as exc:
+                reason = f"connection error: {type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code == 200:
+                    return self._parse(resp)
+                reason = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                if resp.status_code != 429 and resp.status_code < 500:
+                    break  # a client error: asking again gives the same answer
+                retry_after = _retry_after(resp)
+            if attempt < self.max_retries:
+                delay = min(self.backoff * 2**attempt, self.max_backoff)
+                if retry_after is not None:
+                    delay = min(max(delay, retry_after), self.max_backoff)
+                log.info("chat completion attempt %d failed (%s); retrying in %.2fs", attempt + 1, reason, delay)
+                await asyncio.sleep(delay)
+        self._count(failed=1)
+        log.warning("chat completion failed after %d attempt(s): %s", attempt + 1, reason)
+        return BackendError(f"{reason} (after {attempt + 1} attempt(s))")
+
+    def _parse(self, resp: httpx.Response) -> str:
+        try:
+            content = resp.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            self._count(failed=1)
+            return BackendError(f"malformed response body: {resp.text[:200]}")
+        if not isinstance(content, str):
+            self._count(failed=1)
+            return BackendError("response has no text content")
+        return content
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def wait_until_ready(base_url: str, timeout: float = 60.0, interval: float = 0.25) -> None:
+    """Block until `GET {base_url}/models` answers 200 (a server just started), or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base_url.rstrip("/") + "/models", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}"
+        time.sleep(interval)
+    raise TimeoutError(f"{base_url} was not ready after {timeout:g}s ({last or 'no 200 answer'})")
