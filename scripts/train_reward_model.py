@@ -9,7 +9,11 @@ The backbone is the embedded SmolLM2-135M-Instruct unless --backbone names a loc
 stays frozen: features (last-token hidden states, one forward pass per sequence, cached) feed a linear
 Bradley-Terry head. `--layers 6,9,12,15` lets the inner holdout of the training pairs pick how many decoder
 layers the saved model keeps; `--layers all` keeps all of them. Inputs are chat-formatted and truncated on
-the left to --max-length tokens (the defaults fit two CPU cores in minutes, not hours).
+the left to --max-length tokens.
+
+Measured with the defaults on 2 shared (heavily loaded) CPU cores: features 1,675 s cold (one 15-layer
+pass over 2,312 sequences; cached afterwards), head fit 13 s; the inner holdout chose 15 layers, l2 = 1;
+train accuracy 0.713 (694 pairs), test accuracy 0.615 (462 pairs), test BT loss 0.645.
 """
 
 from __future__ import annotations

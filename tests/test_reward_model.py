@@ -129,6 +129,16 @@ def test_layer_features_equal_a_truncated_model(tiny_model_path: Path) -> None:
     assert torch.allclose(both[:, 1], encode_features(full, tok, texts, 64, 2)[:, 0], atol=1e-5)
 
 
+def test_a_classifier_with_two_labels_is_refused(tiny_model_path: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from alignpipe import AlignpipeError
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=2).save_pretrained(tmp_path / "c")
+    with pytest.raises(AlignpipeError, match="has 2 labels"):
+        RewardModelJudge(tmp_path / "c")
+
+
 def test_reward_model_judge_errors_are_per_item(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     judge = RewardModelJudge(tiny_model_path)
     p, c, r = _pairs(1)[0]

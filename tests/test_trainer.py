@@ -2,7 +2,7 @@
 
 import torch
 
-from alignpipe.config import OptimizationConfig, ObjectiveTerm
+from alignpipe.config import ObjectiveTerm, OptimizationConfig
 from alignpipe.models import load_policy, load_tokenizer
 from alignpipe.optimization.batching import collate, encode
 from alignpipe.optimization.logprobs import sequence_logps

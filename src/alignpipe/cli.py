@@ -6,7 +6,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -32,10 +31,10 @@ def _overrides(pairs: list[str]) -> dict:
 
 @app.command()
 def run(
-    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML, or the name of a built-in recipe. "
+    recipe: str | None = typer.Argument(None, help="Recipe YAML, or the name of a built-in recipe. "
                                            "Default: the quickstart on the embedded model."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set rounds=2"),
-    output_dir: Optional[str] = typer.Option(None, help="Where runs/<name>/ goes (default: ./runs)"),
+    output_dir: str | None = typer.Option(None, help="Where runs/<name>/ goes (default: ./runs)"),
 ) -> None:
     """Run the closed loop: R rounds of synthesis -> evaluation -> instantiation -> optimization."""
     from alignpipe.config import load_recipe

@@ -152,9 +152,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _objectives_match_instances(self) -> Recipe:
-        from alignpipe.optimization.objectives import OBJECTIVES
-
         from alignpipe.optimization.instances import PROVIDED
+        from alignpipe.optimization.objectives import OBJECTIVES
 
         kind = self.instantiation.kind
         for term in self.optimization.objectives:

@@ -10,6 +10,7 @@ import copy
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,17 @@ from alignpipe.config import Recipe
 from alignpipe.data import load_task
 from alignpipe.data.chat import format_prompt
 from alignpipe.evaluation import judge_candidates
-from alignpipe.instantiation import best_vs_worst_pairs, groups_with_scores, labelled_points, score_of
+from alignpipe.instantiation import build_examples, score_of
 from alignpipe.models import attach_adapter, load_policy, load_tokenizer, resolve_model_path
 from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.trainer import optimize
 from alignpipe.records import (
-    Candidate, GroupExample, Judgment, PairExample, PointExample, Prompt, read_records, write_json, write_records,
+    Candidate,
+    Judgment,
+    Prompt,
+    read_records,
+    write_json,
+    write_records,
 )
 from alignpipe.synthesis.transformers_backend import generate
 
@@ -58,7 +64,7 @@ def heldout_accuracy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, pa
 
 def paired_difference(before: list[float], after: list[float]) -> dict[str, float]:
     """Mean of after - before on the same problems, with a normal 95% interval of the paired difference."""
-    d = [a - b for a, b in zip(after, before)]
+    d = [a - b for a, b in zip(after, before, strict=True)]
     n = len(d)
     mean = sum(d) / n
     var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
@@ -88,7 +94,62 @@ def _load_checkpoint(model, path: Path) -> None:  # noqa: ANN001
         model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
 
 
+@dataclass
+class _Session:
+    """What every round needs: the recipe, the policy and where to write."""
+
+    recipe: Recipe
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    model_path: Path
+    reference_model: Any
+    console: Console
+
+    def chat(self, prompt: Prompt) -> str:
+        return format_prompt(self.tokenizer, prompt.prompt)
+
+
+def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> dict[str, Any]:
+    """One round of the four stages; each stage's output is cached under round-NN/."""
+    recipe, syn, rd = s.recipe, s.recipe.synthesis, s.run_dir / f"round-{r:02d}"
+    write_records(rd / "prompts.parquet", prompts, Prompt)
+    candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: generate(
+        s.model, s.tokenizer, prompts, syn.samples_per_prompt, syn.temperature, syn.top_p, syn.max_new_tokens,
+        syn.batch_size, recipe.seed + r, {"model": str(s.model_path), "round": r}, f"round {r}: sampling"))
+    judgments = cached_stage(rd / "judgments.parquet", fingerprint, Judgment,
+                             lambda: judge_candidates(recipe.evaluation.judge, prompts, candidates))
+    examples, stats, cls = build_examples(recipe.instantiation, prompts, candidates, judgments, s.chat,
+                                          recipe.seed + r)
+    write_records(rd / "examples.parquet", examples, cls)
+    train = optimize(s.model, s.tokenizer, examples, recipe.optimization, seed=recipe.seed + r,
+                     reference_model=s.reference_model)
+    _save_checkpoint(s.model, s.tokenizer, rd / "checkpoint")
+    (rd / "checkpoint.fingerprint").write_text(fingerprint)
+    scores = [score_of(j) for j in judgments]
+    metrics = {
+        "round": r, "prompts": len(prompts), "candidates": len(candidates),
+        "sample_reward": sum(scores) / max(len(scores), 1),
+        "mean_tokens": sum(c.num_tokens or 0 for c in candidates) / max(len(candidates), 1),
+        "judgments_not_ok": stats.judgments_not_ok, "examples": stats.examples,
+        "skipped_uniform": stats.skipped_uniform, "skipped_margin": stats.skipped_margin,
+        "train": train,
+    }
+    write_json(rd / "metrics.json", metrics)
+    s.console.print(f"round {r}: sample reward {metrics['sample_reward']:.3f}, {stats.examples} "
+                    f"{recipe.instantiation.kind} examples ({stats.skipped_uniform} prompts all tied), "
+                    f"loss {train.get('loss', float('nan')):.4f}")
+    return metrics
+
+
+def _round_done(rd: Path, fingerprint: str) -> bool:
+    stamp = rd / "checkpoint.fingerprint"
+    return (rd / "checkpoint").is_dir() and stamp.is_file() and stamp.read_text() == fingerprint \
+        and (rd / "metrics.json").is_file()
+
+
 def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
+    """Run (or resume) the closed loop of `recipe`; returns the summary written to summary.json."""
     console = console or Console()
     run_dir = Path(recipe.output_dir) / recipe.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +161,11 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     data = load_task(recipe.task, recipe.heldout.n)  # bad prompt files fail before any model work
     model_path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(model_path)
-    needed = recipe.rounds * recipe.synthesis.prompts_per_round
     pool = list(data.train)
     random.Random(recipe.seed).shuffle(pool)
-    if len(pool) < needed:
-        console.print(f"[yellow]note: {len(pool)} training prompts for {needed} prompt slots: prompts repeat")
+    per_round = recipe.synthesis.prompts_per_round
+    if len(pool) < recipe.rounds * per_round:
+        console.print(f"[yellow]note: {len(pool)} training prompts for {recipe.rounds * per_round} slots: prompts repeat")
     console.print(f"[bold]{recipe.name}[/]: model {model_path}, {len(pool)} training prompts, "
                   f"{len(data.heldout)} held-out, {recipe.rounds} round(s)")
 
@@ -116,61 +177,26 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     needs_copy = opt.adapter is None and opt.reference == "base" and any(
         OBJECTIVES[t.name].needs_reference for t in opt.objectives)
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_copy else None
-    model = attach_adapter(model, opt.adapter)
-    chat = lambda p: format_prompt(tokenizer, p.prompt)  # noqa: E731
+    session = _Session(recipe, run_dir, attach_adapter(model, opt.adapter), tokenizer, model_path,
+                       reference_model, console)
 
     rounds = []
     for r in range(recipe.rounds):
-        rd = run_dir / f"round-{r:02d}"
-        fp = f"{base_fp}:{r}"
-        ckpt = rd / "checkpoint"
-        metrics_path = rd / "metrics.json"
+        rd, fp = run_dir / f"round-{r:02d}", f"{base_fp}:{r}"
         torch.manual_seed(recipe.seed + r)
-        if ckpt.is_dir() and (rd / "checkpoint.fingerprint").is_file() and \
-                (rd / "checkpoint.fingerprint").read_text() == fp and metrics_path.is_file():
-            _load_checkpoint(model, ckpt)
-            rounds.append(yaml.safe_load(metrics_path.read_text()))
-            console.print(f"round {r}: done earlier, loaded {ckpt}")
+        if _round_done(rd, fp):
+            _load_checkpoint(session.model, rd / "checkpoint")
+            rounds.append(yaml.safe_load((rd / "metrics.json").read_text()))
+            console.print(f"round {r}: done earlier, loaded {rd / 'checkpoint'}")
             continue
-        syn = recipe.synthesis
-        start = (r * syn.prompts_per_round) % max(len(pool), 1)
-        prompts = [pool[(start + i) % len(pool)] for i in range(syn.prompts_per_round)]
-        write_records(rd / "prompts.parquet", prompts, Prompt)
-        candidates = cached_stage(rd / "candidates.parquet", fp, Candidate, lambda: generate(
-            model, tokenizer, prompts, syn.samples_per_prompt, syn.temperature, syn.top_p, syn.max_new_tokens,
-            syn.batch_size, recipe.seed + r, {"model": str(model_path), "round": r}, f"round {r}: sampling"))
-        judgments = cached_stage(rd / "judgments.parquet", fp, Judgment,
-                                 lambda: judge_candidates(recipe.evaluation.judge, prompts, candidates))
-        inst = recipe.instantiation
-        if inst.kind == "pair":
-            examples, stats = best_vs_worst_pairs(prompts, candidates, judgments, chat, inst.min_margin,
-                                                  recipe.seed + r)
-        elif inst.kind == "point":
-            examples, stats = labelled_points(prompts, candidates, judgments, chat, inst.label_threshold)
-        else:
-            examples, stats = groups_with_scores(prompts, candidates, judgments, chat, inst.drop_uniform_groups)
-        cls = {"pair": PairExample, "point": PointExample, "group": GroupExample}[inst.kind]
-        write_records(rd / "examples.parquet", examples, cls)
-        scores = [score_of(j) for j in judgments]
-        train_metrics = optimize(model, tokenizer, examples, opt, seed=recipe.seed + r,
-                                 reference_model=reference_model)
-        _save_checkpoint(model, tokenizer, ckpt)
-        (rd / "checkpoint.fingerprint").write_text(fp)
-        metrics = {
-            "round": r, "prompts": len(prompts), "candidates": len(candidates),
-            "sample_reward": sum(scores) / max(len(scores), 1),
-            "judgments_not_ok": stats.judgments_not_ok, "examples": stats.examples,
-            "skipped_uniform": stats.skipped_uniform, "skipped_margin": stats.skipped_margin,
-            "train": train_metrics,
-        }
-        write_json(metrics_path, metrics)
-        rounds.append(metrics)
-        console.print(f"round {r}: sample reward {metrics['sample_reward']:.3f}, {stats.examples} {inst.kind}s "
-                      f"({stats.skipped_uniform} prompts all tied), loss {train_metrics.get('loss', float('nan')):.4f}")
+        start = r * per_round
+        prompts = [pool[(start + i) % len(pool)] for i in range(per_round)]
+        rounds.append(_run_round(session, r, prompts, fp))
 
-    after = heldout_accuracy(model, tokenizer, data.heldout, recipe, run_dir, f"{fp}:after:{eval_fp}", "after")
+    after = heldout_accuracy(session.model, tokenizer, data.heldout, recipe, run_dir,
+                             f"{base_fp}:{recipe.rounds}:{eval_fp}", "after")
     final = run_dir / "final_model"
-    _save_checkpoint(model, tokenizer, final)
+    _save_checkpoint(session.model, tokenizer, final)
     summary = {
         "name": recipe.name,
         "before": {k: before[k] for k in ("accuracy", "n")},

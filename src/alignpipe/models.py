@@ -8,7 +8,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from alignpipe import AlignpipeError
 
@@ -117,8 +123,8 @@ def tiny_model_dir(target: str | Path, vocab_from: str | Path | None = None, see
 
     Used by unit tests and the tiny end-to-end loop; `vocab_from` borrows a real tokenizer instead.
     """
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     target = Path(target)
     if vocab_from is not None:

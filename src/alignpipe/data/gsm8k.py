@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
+from alignpipe import AlignpipeError
 from alignpipe.data import TaskData
 from alignpipe.data.files import read_rows
 from alignpipe.records import Prompt
-from alignpipe import AlignpipeError
 
 
 def final_answer(solution: str) -> str:

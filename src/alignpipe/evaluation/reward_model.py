@@ -64,7 +64,7 @@ def format_conversation(tokenizer: Any, prompt: Prompt, completion: str) -> str:
 
 def load_sequence_classifier(model_dir: str | Path, **overrides: Any) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a local directory, in eval mode, with a pad token the pooling can see."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     from alignpipe.models import load_tokenizer
@@ -72,6 +72,10 @@ def load_sequence_classifier(model_dir: str | Path, **overrides: Any) -> tuple[n
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise AlignpipeError(f"reward model {model_dir} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and config.num_labels != 1:
+        raise AlignpipeError(f"reward model {model_dir} has {config.num_labels} labels; a reward model has one "
+                             "(num_labels=1)")
     tokenizer = load_tokenizer(path)
     tokenizer.truncation_side = "left"  # keep the end: the response being judged
     tokenizer.padding_side = "right"  # positions count from the first real token
@@ -249,7 +253,7 @@ def _fit_fixed(zc: torch.Tensor, zr: torch.Tensor, margin: torch.Tensor | None, 
 
 def fit_bt_head(f_chosen: torch.Tensor, f_rejected: torch.Tensor, margin: torch.Tensor | None = None,
                 l2: float | None = None, center_coef: float = 0.0, steps: int = 200, seed: int = 0,
-                l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)) -> HeadFit:
+                l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> HeadFit:
     """Fit `r = w . h` by Bradley-Terry on feature pairs, in float64, by full-batch L-BFGS.
 
     Features are [N, H], or [N, K, H] for K candidate feature sets (e.g. layers). With K > 1 or

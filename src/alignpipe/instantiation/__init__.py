@@ -104,3 +104,16 @@ def labelled_points(
     stats.examples = len(out)
     stats.extra["desirable"] = sum(p.label for p in out)
     return out, stats
+
+
+def build_examples(cfg, prompts: list[Prompt], candidates: list[Candidate], judgments: list[Judgment],  # noqa: ANN001
+                   chat_prompt, seed: int = 0) -> tuple[list, BuildStats, type]:  # noqa: ANN001
+    """Dispatch on `cfg.kind` (config.InstantiationConfig): the examples, their counts, their record type."""
+    if cfg.kind == "pair":
+        examples, stats = best_vs_worst_pairs(prompts, candidates, judgments, chat_prompt, cfg.min_margin, seed)
+        return examples, stats, PairExample
+    if cfg.kind == "point":
+        examples, stats = labelled_points(prompts, candidates, judgments, chat_prompt, cfg.label_threshold)
+        return examples, stats, PointExample
+    examples, stats = groups_with_scores(prompts, candidates, judgments, chat_prompt, cfg.drop_uniform_groups)
+    return examples, stats, GroupExample

@@ -58,7 +58,7 @@ class Instances:
                                   enc(ex.prompt, other.completion, other.truncated)])
             else:
                 truncated = ex.truncated or [False] * len(ex.completions)
-                self.rows.append([enc(ex.prompt, c, t) for c, t in zip(ex.completions, truncated)])
+                self.rows.append([enc(ex.prompt, c, t) for c, t in zip(ex.completions, truncated, strict=True)])
         self._starts = [0]
         for rows in self.rows:
             self._starts.append(self._starts[-1] + len(rows))
