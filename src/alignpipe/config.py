@@ -50,8 +50,21 @@ class FileTask(Strict):
     seed: int = 0
 
 
+class PreferenceTask(Strict):
+    """Human preference pairs (hh-rlhf dialogues or TRL prompt/chosen/rejected), for offline recipes:
+    pair with `synthesis.backend: offline` and `evaluation.judge: human_label`."""
+
+    kind: Literal["preferences"] = "preferences"
+    path: str
+    format: Literal["auto", "hh", "trl"] = "auto"
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    limit: int | None = Field(None, ge=2)
+    seed: int = 0
+
+
 class SynthesisConfig(Strict):
-    backend: Literal["transformers"] = "transformers"
+    # transformers: sample from the current policy; offline: the responses the prompt file ships with
+    backend: Literal["transformers", "offline"] = "transformers"
     prompts_per_round: int = Field(64, ge=1)
     samples_per_prompt: int = Field(8, ge=1)
     temperature: float = Field(1.0, ge=0)
@@ -61,7 +74,7 @@ class SynthesisConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    judge: Literal["math_verifier"] = "math_verifier"
+    judge: Literal["math_verifier", "code_verifier", "rule_verifier", "human_label"] = "math_verifier"
 
 
 class InstantiationConfig(Strict):
@@ -143,12 +156,21 @@ class Recipe(Strict):
     seed: int = 0
     rounds: int = Field(1, ge=1)
     output_dir: str = "runs"
-    task: ArithmeticTask | Gsm8kTask | FileTask = Field(default_factory=ArithmeticTask, discriminator="kind")
+    task: ArithmeticTask | Gsm8kTask | FileTask | PreferenceTask = Field(
+        default_factory=ArithmeticTask, discriminator="kind")
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     instantiation: InstantiationConfig = Field(default_factory=InstantiationConfig)
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     heldout: HeldoutEval = Field(default_factory=HeldoutEval)
+
+    @model_validator(mode="after")
+    def _offline_needs_preferences(self) -> Recipe:
+        offline = self.synthesis.backend == "offline" or self.evaluation.judge == "human_label"
+        if offline and self.task.kind != "preferences":
+            raise ValueError("synthesis.backend 'offline' and evaluation.judge 'human_label' need task.kind "
+                             "'preferences' (responses and labels come with the data)")
+        return self
 
     @model_validator(mode="after")
     def _objectives_match_instances(self) -> Recipe:

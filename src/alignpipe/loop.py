@@ -7,8 +7,8 @@ fingerprint is read back instead of recomputed, so a killed run started again re
 from __future__ import annotations
 
 import copy
-import math
 import random
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +20,18 @@ from rich.console import Console
 
 from alignpipe.config import Recipe
 from alignpipe.data import load_task
-from alignpipe.data.chat import format_prompt
+from alignpipe.data.chat import format_messages, format_prompt
+from alignpipe.diagnostics.heldout import pair_preference, paired_difference
 from alignpipe.evaluation import judge_candidates
 from alignpipe.instantiation import build_examples, score_of
-from alignpipe.models import attach_adapter, load_policy, load_tokenizer, resolve_model_path
+from alignpipe.models import (
+    attach_adapter,
+    load_checkpoint,
+    load_policy,
+    load_tokenizer,
+    resolve_model_path,
+    save_checkpoint,
+)
 from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.trainer import optimize
 from alignpipe.records import (
@@ -34,6 +42,7 @@ from alignpipe.records import (
     write_json,
     write_records,
 )
+from alignpipe.synthesis.offline import offline_candidates
 from alignpipe.synthesis.transformers_backend import generate
 
 
@@ -62,38 +71,6 @@ def heldout_accuracy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, pa
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct}
 
 
-def paired_difference(before: list[float], after: list[float]) -> dict[str, float]:
-    """Mean of after - before on the same problems, with a normal 95% interval of the paired difference."""
-    d = [a - b for a, b in zip(after, before, strict=True)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
-    half = 1.96 * math.sqrt(var / n)
-    return {"difference": mean, "ci95_low": mean - half, "ci95_high": mean + half}
-
-
-def _save_checkpoint(model, tokenizer, path: Path) -> None:  # noqa: ANN001
-    tmp = path.with_name(f".{path.name}.tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
-def _load_checkpoint(model, path: Path) -> None:  # noqa: ANN001
-    from safetensors.torch import load_file
-
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    else:
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-
-
 @dataclass
 class _Session:
     """What every round needs: the recipe, the policy and where to write."""
@@ -107,16 +84,30 @@ class _Session:
     console: Console
 
     def chat(self, prompt: Prompt) -> str:
+        """The prompt through the chat template; multi-turn prompts keep their turns."""
+        if prompt.meta.get("messages"):
+            return format_messages(self.tokenizer, prompt.meta["messages"])
         return format_prompt(self.tokenizer, prompt.prompt)
+
+    def heldout(self, prompts: list[Prompt], fingerprint: str, label: str) -> dict[str, Any]:
+        if self.recipe.task.kind == "preferences":
+            return pair_preference(self.model, self.tokenizer, prompts, self.chat, self.recipe.optimization.max_length)
+        return heldout_accuracy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir, fingerprint, label)
+
+    def sample(self, prompts: list[Prompt], r: int) -> list[Candidate]:
+        syn = self.recipe.synthesis
+        if syn.backend == "offline":
+            return offline_candidates(prompts)
+        return generate(self.model, self.tokenizer, prompts, syn.samples_per_prompt, syn.temperature, syn.top_p,
+                        syn.max_new_tokens, syn.batch_size, self.recipe.seed + r,
+                        {"model": str(self.model_path), "round": r}, f"round {r}: sampling")
 
 
 def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> dict[str, Any]:
     """One round of the four stages; each stage's output is cached under round-NN/."""
-    recipe, syn, rd = s.recipe, s.recipe.synthesis, s.run_dir / f"round-{r:02d}"
+    recipe, rd = s.recipe, s.run_dir / f"round-{r:02d}"
     write_records(rd / "prompts.parquet", prompts, Prompt)
-    candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: generate(
-        s.model, s.tokenizer, prompts, syn.samples_per_prompt, syn.temperature, syn.top_p, syn.max_new_tokens,
-        syn.batch_size, recipe.seed + r, {"model": str(s.model_path), "round": r}, f"round {r}: sampling"))
+    candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: s.sample(prompts, r))
     judgments = cached_stage(rd / "judgments.parquet", fingerprint, Judgment,
                              lambda: judge_candidates(recipe.evaluation.judge, prompts, candidates))
     examples, stats, cls = build_examples(recipe.instantiation, prompts, candidates, judgments, s.chat,
@@ -124,7 +115,7 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     write_records(rd / "examples.parquet", examples, cls)
     train = optimize(s.model, s.tokenizer, examples, recipe.optimization, seed=recipe.seed + r,
                      reference_model=s.reference_model)
-    _save_checkpoint(s.model, s.tokenizer, rd / "checkpoint")
+    save_checkpoint(s.model, s.tokenizer, rd / "checkpoint")
     (rd / "checkpoint.fingerprint").write_text(fingerprint)
     scores = [score_of(j) for j in judgments]
     metrics = {
@@ -134,6 +125,7 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
         "judgments_not_ok": stats.judgments_not_ok, "examples": stats.examples,
         "skipped_uniform": stats.skipped_uniform, "skipped_margin": stats.skipped_margin,
         "train": train,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
     }
     write_json(rd / "metrics.json", metrics)
     s.console.print(f"round {r}: sample reward {metrics['sample_reward']:.3f}, {stats.examples} "
@@ -170,22 +162,22 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                   f"{len(data.heldout)} held-out, {recipe.rounds} round(s)")
 
     model = load_policy(model_path)
-    before = heldout_accuracy(model, tokenizer, data.heldout, recipe, run_dir, eval_fp, "before")
-    console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
     opt = recipe.optimization
     # Full fine-tuning against the frozen base needs the base itself; adapters get it by disabling them.
     needs_copy = opt.adapter is None and opt.reference == "base" and any(
         OBJECTIVES[t.name].needs_reference for t in opt.objectives)
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_copy else None
-    session = _Session(recipe, run_dir, attach_adapter(model, opt.adapter), tokenizer, model_path,
-                       reference_model, console)
+    session = _Session(recipe, run_dir, model, tokenizer, model_path, reference_model, console)
+    before = session.heldout(data.heldout, eval_fp, "before")
+    console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
+    session.model = attach_adapter(model, opt.adapter)
 
     rounds = []
     for r in range(recipe.rounds):
         rd, fp = run_dir / f"round-{r:02d}", f"{base_fp}:{r}"
         torch.manual_seed(recipe.seed + r)
         if _round_done(rd, fp):
-            _load_checkpoint(session.model, rd / "checkpoint")
+            load_checkpoint(session.model, rd / "checkpoint")
             rounds.append(yaml.safe_load((rd / "metrics.json").read_text()))
             console.print(f"round {r}: done earlier, loaded {rd / 'checkpoint'}")
             continue
@@ -193,12 +185,12 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         prompts = [pool[(start + i) % len(pool)] for i in range(per_round)]
         rounds.append(_run_round(session, r, prompts, fp))
 
-    after = heldout_accuracy(session.model, tokenizer, data.heldout, recipe, run_dir,
-                             f"{base_fp}:{recipe.rounds}:{eval_fp}", "after")
+    after = session.heldout(data.heldout, f"{base_fp}:{recipe.rounds}:{eval_fp}", "after")
     final = run_dir / "final_model"
-    _save_checkpoint(session.model, tokenizer, final)
+    save_checkpoint(session.model, tokenizer, final)
     summary = {
         "name": recipe.name,
+        "heldout_metric": before.get("metric", "greedy_accuracy"),
         "before": {k: before[k] for k in ("accuracy", "n")},
         "after": {k: after[k] for k in ("accuracy", "n")},
         **paired_difference(before["correct"], after["correct"]),

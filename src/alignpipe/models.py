@@ -154,3 +154,29 @@ def tiny_model_dir(target: str | Path, vocab_from: str | Path | None = None, see
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """Save the policy (the adapter alone under peft) with its tokenizer; atomic by rename."""
+    import shutil
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def load_checkpoint(model: PreTrainedModel, path: Path) -> None:
+    """Load saved weights into `model` in place (adapter weights under peft)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    else:
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=False)

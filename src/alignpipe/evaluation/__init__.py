@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from alignpipe.evaluation.code_verifier import code_verifier
+from alignpipe.evaluation.human_label import human_label
 from alignpipe.evaluation.math_verifier import math_verifier
 from alignpipe.evaluation.rules import rule_verifier
 from alignpipe.progress import progress
@@ -18,6 +19,7 @@ JUDGES: dict[str, PointwiseJudge] = {
     "math_verifier": math_verifier,
     "code_verifier": code_verifier,
     "rule_verifier": rule_verifier,
+    "human_label": human_label,
 }
 
 
