@@ -53,3 +53,31 @@ def test_overrides_apply_and_validate():
     assert load_recipe(None, {"rounds": 2, "synthesis.temperature": 0.5}).synthesis.temperature == 0.5
     with pytest.raises(AlignpipeError, match="rounds"):
         load_recipe(None, {"rounds": 0})
+
+
+def test_objectives_doc_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from alignpipe.optimization.objectives import objectives_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "objectives.md"
+    assert doc.read_text() == objectives_markdown(), "run: alignpipe objectives --markdown > docs/objectives.md"
+
+
+def test_recipe_asking_for_inputs_the_examples_lack_fails_at_load(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optimization:\n  objectives: [{name: tdpo1}]\n")
+    with pytest.raises(AlignpipeError, match=r"objective 'tdpo1' needs chosen_token_kl, rejected_token_kl"):
+        load_recipe(path)
+    path.write_text("instantiation: {kind: group}\noptimization:\n  objectives: [{name: kto}]\n")
+    with pytest.raises(AlignpipeError, match=r"objective 'kto' trains on point examples"):
+        load_recipe(path)
+
+
+def test_builtin_recipes_all_load():
+    from pathlib import Path
+
+    import alignpipe
+
+    for path in (Path(alignpipe.__file__).parent / "recipes").glob("*.yaml"):
+        assert load_recipe(path).name == path.stem

@@ -77,13 +77,19 @@ def recipes() -> None:
 
 
 @app.command()
-def objectives(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table")) -> None:
+def objectives(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the reference page docs/objectives.md"),
+) -> None:
     """List every registered objective: family, instance type, inputs, reference needs, defaults, arXiv id."""
-    from alignpipe.optimization.objectives import OBJECTIVES
+    from alignpipe.optimization.objectives import OBJECTIVES, objectives_markdown
 
     rows = [spec.describe() for spec in OBJECTIVES.values()]
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
+        return
+    if markdown:
+        print(objectives_markdown(), end="")
         return
     table = Table()
     for col in ("name", "family", "instances", "reference", "inputs", "defaults", "arXiv"):
@@ -92,6 +98,11 @@ def objectives(as_json: bool = typer.Option(False, "--json", help="Print JSON in
         table.add_row(r["name"], r["family"], ",".join(r["instances"]), r["reference"], ", ".join(r["inputs"]),
                       ", ".join(f"{k}={v}" for k, v in r["defaults"].items()), r["arxiv"])
     console.print(table)
+
+
+from alignpipe.evaluation.judge_eval_cli import judge_eval  # noqa: E402
+
+app.command("judge-eval", help="Measure judges against human-labelled pairs.")(judge_eval)
 
 
 def main() -> None:
