@@ -112,8 +112,12 @@ class OptimizationConfig(Strict):
     objectives: list[ObjectiveTerm] = Field(default_factory=lambda: [ObjectiveTerm(name="dpo")])
     adapter: AdapterConfig | None = Field(default_factory=AdapterConfig)  # null = full fine-tuning
     # "base": the frozen initial model (LoRA-disabled base, or a frozen copy under full fine-tuning);
-    # "round_start": the policy at the start of each round (iterative DPO's ref = M_t; sDPO's staged ref).
-    reference: Literal["base", "round_start"] = "base"
+    # "round_start": the policy at the start of each round (iterative DPO's ref = M_t; sDPO's staged ref);
+    # "moving": TR-DPO (arXiv 2404.09656), ref <- a*theta + (1-a)*ref every `ref_sync_every` steps,
+    # starting from the policy at the start of the round; computed live per batch, not precomputed.
+    reference: Literal["base", "round_start", "moving"] = "base"
+    ref_sync_alpha: float = Field(0.6, gt=0, le=1)
+    ref_sync_every: int = Field(512, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(1, ge=1)

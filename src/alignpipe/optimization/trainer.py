@@ -40,6 +40,37 @@ def reference_context(model: PreTrainedModel, reference: str = "base") -> contex
 
 
 @torch.no_grad()
+class MovingReference:
+    """TR-DPO's soft-updated reference (arXiv 2404.09656) over the trainable parameters: a shadow copy
+    that is swapped in to compute reference log-probs, and pulled toward the policy every `every` steps
+    by ref <- alpha * theta + (1 - alpha) * ref. Under LoRA the shadow is the adapter (reference =
+    base + shadow adapter), which starts equal to the policy at the start of the round."""
+
+    def __init__(self, params: list[torch.nn.Parameter], alpha: float, every: int):
+        self.params, self.alpha, self.every = params, alpha, every
+        self.shadow = [p.detach().clone() for p in params]
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, r in zip(self.params, self.shadow, strict=True):
+                p.copy_(r)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, live, strict=True):
+                    p.copy_(v)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if step % self.every == 0:
+            for p, r in zip(self.params, self.shadow, strict=True):
+                r.mul_(1 - self.alpha).add_(p.detach(), alpha=self.alpha)
+
+
+@torch.no_grad()
 def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str) -> list[torch.Tensor]:  # noqa: ANN001
     """Per row, the log-probs of its completion tokens (1-D), computed in length-sorted batches."""
     was_training = model.training
@@ -96,7 +127,11 @@ def optimize(
 
     # Fixed for the whole round: computed once, before the first step.
     fixed: dict[str, list[torch.Tensor]] = {}
-    if any(s.needs_reference for s in specs):
+    params = [p for p in model.parameters() if p.requires_grad]
+    moving = None
+    if any(s.needs_reference for s in specs) and cfg.reference == "moving":
+        moving = MovingReference(params, cfg.ref_sync_alpha, cfg.ref_sync_every)
+    elif any(s.needs_reference for s in specs):
         if reference_model is not None:
             fixed["ref_token_logps"] = completion_logps(reference_model, flat, pad_id, cfg, "reference log-probs")
         else:
@@ -105,27 +140,37 @@ def optimize(
     if any(s.needs_old_policy for s in specs):
         fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs")
 
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rng = random.Random(seed)
     sums: dict[str, float] = defaultdict(float)
-    steps = 0
+    steps = updates = 0
 
     def step() -> None:
+        nonlocal updates
         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        updates += 1
+        if moving is not None:
+            moving.after_step(updates)
 
     with progress() as bar:
         task = bar.add_task("training", total=-(-len(examples) // cfg.batch_size) * cfg.epochs, info="")
         for _epoch in range(cfg.epochs):
             for micro, indices in enumerate(_batches(len(examples), cfg.batch_size, rng)):
                 batch = {k: v.to(accelerator.device) for k, v in collate(instances.batch_rows(indices), pad_id).items()}
+                live_ref = None
+                if moving is not None:  # before the policy forward: swapping weights would break its graph
+                    with moving.swapped_in(), torch.no_grad():
+                        live_ref = sequence_logps(model, **batch, temperature=cfg.temperature,
+                                                  chunk_size=cfg.logprob_chunk).token_logps
                 seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
                 positions = instances.flat_positions(indices)
                 placed = {name: _place([values[p] for p in positions], seq.mask) for name, values in fixed.items()}
+                if live_ref is not None:
+                    placed["ref_token_logps"] = live_ref
                 loss, metrics = combined_loss(terms, instances.tensors(indices, seq, placed))
                 accelerator.backward(loss / cfg.grad_accum)
                 if (micro + 1) % cfg.grad_accum == 0:
