@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from alignpipe.evaluation.pairs_data import load_pairs
+    from alignpipe.data.pairs import load_pairs
     from alignpipe.evaluation.reward_model import split_pairs, train_reward_model
     from alignpipe.models import cache_dir, embedded_model_dir, resolve_model_path
 

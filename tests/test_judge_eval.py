@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from alignpipe import AlignpipeError
+from alignpipe.data.pairs import make_pair
 from alignpipe.evaluation.judge_eval import evaluate_judge, evaluate_judges, judge_eval_command
 from alignpipe.evaluation.judge_registry import LengthJudge, resolve_judge, resolve_judges
-from alignpipe.evaluation.pairs_data import make_pair
 from alignpipe.records import Judgment
 
 # chosen lengths vs rejected lengths: longer, shorter, longer, shorter

@@ -68,3 +68,27 @@ def test_killed_run_resumes_from_last_completed_stage(recipe, tmp_path):
     resumed = run(killed)
     assert resumed["after"] == full["after"]
     assert [r["examples"] for r in resumed["rounds"]] == [r["examples"] for r in full["rounds"]]
+
+
+def test_offline_preference_loop_without_reference(tmp_path, tiny_model_path):
+    """SimPO on real hh-rlhf pairs: offline candidates, human labels, dataset pairs, no reference pass."""
+    from conftest import SHARED
+
+    path = SHARED / "data" / "hh-rlhf-harmless" / "dev.jsonl"
+    if not path.is_file():
+        pytest.skip("shared/data is not beside the repository")
+    recipe = Recipe.model_validate({
+        "name": "offline", "model": str(tiny_model_path), "rounds": 1, "output_dir": str(tmp_path / "runs"),
+        "task": {"kind": "preferences", "path": str(path), "limit": 24, "heldout_fraction": 0.25},
+        "synthesis": {"backend": "offline", "prompts_per_round": 18}, "evaluation": {"judge": "human_label"},
+        "optimization": {"objectives": [{"name": "simpo"}], "batch_size": 6, "max_length": 128},
+        "heldout": {"n": 6},
+    })
+    summary = run(recipe)
+    assert summary["heldout_metric"] == "pair_preference" and summary["before"]["n"] == 6
+    r0 = summary["rounds"][0]
+    assert r0["examples"] == 18 and r0["skipped_uniform"] == 0 and r0["train"]["steps"] == 3
+    import pyarrow.parquet as pq
+
+    examples = pq.read_table(tmp_path / "runs" / "offline" / "round-00" / "examples.parquet").to_pylist()
+    assert all(e["margin"] == 1.0 for e in examples)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignpipe import AlignpipeError
-from alignpipe.evaluation.pairs_data import load_pairs, pairs_from_rows, parse_hh_dialogue, split_hh_pair
+from alignpipe.data.pairs import load_pairs, pairs_from_rows, parse_hh_dialogue, split_hh_pair
 
 HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl"
 

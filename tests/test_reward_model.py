@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignpipe.evaluation.pairs_data import make_pair
+from alignpipe.data.pairs import make_pair
 from alignpipe.evaluation.reward_model import (
     META_FILE,
     RewardModelJudge,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from alignpipe.data import TaskData
-from alignpipe.evaluation.pairs_data import load_pairs
+from alignpipe.data.pairs import load_pairs
 from alignpipe.records import Prompt
 
 

@@ -26,9 +26,9 @@ import math
 import time
 from typing import Any
 
+from alignpipe.data.pairs import LabelledPair
 from alignpipe.evaluation.ensemble import is_pairwise, main_score, safe_call
 from alignpipe.evaluation.length_control import length_bias, length_controlled, preference_value
-from alignpipe.evaluation.pairs_data import LabelledPair
 from alignpipe.records import Judgment
 
 _FLIP = {"first": "second", "second": "first", "tie": "tie"}
@@ -169,8 +169,8 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
     from rich.console import Console
 
     from alignpipe import AlignpipeError
+    from alignpipe.data.pairs import load_pairs
     from alignpipe.evaluation.judge_registry import resolve_judges
-    from alignpipe.evaluation.pairs_data import load_pairs
     from alignpipe.records import write_json
 
     console = console or Console()
