@@ -114,3 +114,18 @@ def test_dpo_with_moving_reference_trains(tiny_model_path):
     # The reference trails the policy, so the margin stays finite, but the policy still learns the pairs.
     acc, _ = _preference_accuracy(model, tok, _pairs(tok))
     assert metrics["steps"] == 20 and metrics["dpo/loss"] < math.log(2) and acc == 1.0
+
+
+def test_bf16_autocast_logps_close_to_fp32(tiny_model_path):
+    from alignpipe.optimization.trainer import autocast
+
+    tok = load_tokenizer(tiny_model_path)
+    model = load_policy(tiny_model_path).eval()
+    rows = [encode(tok, p.prompt, p.chosen, False, 64) for p in _pairs(tok)]
+    batch = collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        full = sequence_logps(model, **batch)
+        with autocast(OptimizationConfig(precision="bf16"), torch.device("cpu")):
+            half = sequence_logps(model, **batch)
+    assert half.logps.dtype == torch.float32
+    torch.testing.assert_close(half.logps, full.logps, atol=0.1, rtol=0.02)

@@ -127,6 +127,7 @@ class OptimizationConfig(Strict):
     max_length: int = Field(512, ge=8)
     logprob_chunk: int = Field(1024, ge=1)  # positions per LM-head chunk
     temperature: float = Field(1.0, gt=0)  # divide logits by the sampling temperature (on-policy RL)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; log-probs and losses stay fp32
 
     @field_validator("objectives")
     @classmethod

@@ -39,7 +39,6 @@ def reference_context(model: PreTrainedModel, reference: str = "base") -> contex
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
 class MovingReference:
     """TR-DPO's soft-updated reference (arXiv 2404.09656) over the trainable parameters: a shadow copy
     that is swapped in to compute reference log-probs, and pulled toward the policy every `every` steps
@@ -84,12 +83,19 @@ def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfi
         for start in range(0, len(order), step):
             idx = order[start : start + step]
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
-            seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
+            with autocast(cfg, device):
+                seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
             for j, i in enumerate(idx):
                 values[i] = seq.token_logps[j][seq.mask[j].bool()].cpu()
             bar.update(task, advance=len(idx))
     model.train(was_training)
     return [values[i] for i in range(len(rows))]
+
+
+def autocast(cfg: OptimizationConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the model's matmuls when `precision: bf16` (2-4x faster on CPUs with AVX512-BF16
+    or AMX); log-softmax and losses stay in fp32 (logprobs.py casts the logits)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
 def _place(per_row: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -163,10 +169,11 @@ def optimize(
                 batch = {k: v.to(accelerator.device) for k, v in collate(instances.batch_rows(indices), pad_id).items()}
                 live_ref = None
                 if moving is not None:  # before the policy forward: swapping weights would break its graph
-                    with moving.swapped_in(), torch.no_grad():
+                    with moving.swapped_in(), torch.no_grad(), autocast(cfg, accelerator.device):
                         live_ref = sequence_logps(model, **batch, temperature=cfg.temperature,
                                                   chunk_size=cfg.logprob_chunk).token_logps
-                seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
+                with autocast(cfg, accelerator.device):
+                    seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
                 positions = instances.flat_positions(indices)
                 placed = {name: _place([values[p] for p in positions], seq.mask) for name, values in fixed.items()}
                 if live_ref is not None:
