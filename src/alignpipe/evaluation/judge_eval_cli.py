@@ -9,7 +9,8 @@ import typer
 def judge_eval(
     pairs: str = typer.Option(..., "--pairs", help="Human-labelled pairs: jsonl/parquet, hh-rlhf or TRL "
                               "prompt/chosen/rejected format"),
-    judge: list[str] = typer.Option(..., "--judge", help="Judge spec, repeatable: longer, shorter, "
+    judge: list[str] = typer.Option([], "--judge", help="Judge spec, repeatable (default: the embedded model "
+                                    "as a pairwise judge, asked in both orders): longer, shorter, "
                                     "reward-model:DIR, pairwise|pointwise|rubric|additive[:MODEL], "
                                     "both-orders:SPEC, ensemble:mean|median|vote|meta:SPEC+SPEC"),
     json_out: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
@@ -19,4 +20,4 @@ def judge_eval(
     length bias, length-controlled agreement and throughput."""
     from alignpipe.evaluation.judge_eval import judge_eval_command
 
-    judge_eval_command(pairs, judge, json_out=json_out, limit=limit)
+    judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit)
