@@ -56,6 +56,19 @@ def wpo_pair_weight(
         return torch.exp(log_w + log_l).clamp(max=1)
 
 
+def _weighted_dpo(
+    omega: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float,
+) -> tuple[torch.Tensor, Metrics]:
+    """omega * (label-smoothed) DPO loss: the common body of both WPO forms."""
+    lr_w = chosen_logps - ref_chosen_logps
+    lr_l = rejected_logps - ref_rejected_logps
+    losses = omega * _smoothed_sigmoid_loss(beta * (lr_w - lr_l), label_smoothing)
+    metrics = _pair_metrics(beta, lr_w, lr_l)
+    metrics["pair_weight"] = omega.mean()
+    return losses, metrics
+
+
 @register("wpo", family="dpo", instances=("pair",), arxiv="2406.11827")
 def wpo_loss(
     chosen_logps: torch.Tensor,
@@ -76,12 +89,8 @@ def wpo_loss(
     Inputs [B]: token sums and lengths. Defaults: beta 0.01, label_smoothing 0. Returns per-pair losses [B].
     """
     omega = wpo_pair_weight(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
-    lr_w = chosen_logps - ref_chosen_logps
-    lr_l = rejected_logps - ref_rejected_logps
-    losses = omega * _smoothed_sigmoid_loss(beta * (lr_w - lr_l), label_smoothing)
-    metrics = _pair_metrics(beta, lr_w, lr_l)
-    metrics["pair_weight"] = omega.mean()
-    return losses, metrics
+    return _weighted_dpo(omega, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                         label_smoothing)
 
 
 @register("wpo_aligned", family="dpo", instances=("pair",), arxiv="2406.11827")
@@ -109,12 +118,8 @@ def wpo_aligned_loss(
     omega = wpo_pair_weight(
         chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, chosen_logsumsq, rejected_logsumsq
     )
-    lr_w = chosen_logps - ref_chosen_logps
-    lr_l = rejected_logps - ref_rejected_logps
-    losses = omega * _smoothed_sigmoid_loss(beta * (lr_w - lr_l), label_smoothing)
-    metrics = _pair_metrics(beta, lr_w, lr_l)
-    metrics["pair_weight"] = omega.mean()
-    return losses, metrics
+    return _weighted_dpo(omega, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                         label_smoothing)
 
 
 @register("mmpo", family="dpo", instances=("pair",), arxiv="2410.03145")
