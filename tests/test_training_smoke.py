@@ -1,6 +1,6 @@
 """Training smoke tests, one per registered objective, on the tiny random Llama through `optimize()`.
 
-Every objective whose inputs the trainer can build for one of its instance kinds (`PROVIDED`) is picked
+Every objective whose inputs the trainer can build for one of its instance kinds (`providers.provided`) is picked
 up from the registry; each trains a fresh LoRA for 30 optimizer steps on a small synthetic data set and
 must show (1) a falling loss and (2) an improving signal, measured the way the objective itself reads it:
 
@@ -31,9 +31,9 @@ import alignpipe.optimization.trainer as trainer
 from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig
 from alignpipe.models import attach_adapter, load_policy, load_tokenizer
 from alignpipe.optimization.batching import collate, encode
-from alignpipe.optimization.instances import PROVIDED
 from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, ObjectiveSpec
+from alignpipe.optimization.providers import provided
 from alignpipe.optimization.trainer import optimize, reference_context
 from alignpipe.records import GroupExample, PairExample, PointExample
 
@@ -63,7 +63,7 @@ PARAMS: dict[str, dict] = {
 
 def _trainable_kind(spec: ObjectiveSpec) -> str | None:
     """The first instance kind whose tensors cover every input of the objective (None: not trainable here)."""
-    return next((kind for kind in spec.instances if set(spec.inputs) <= PROVIDED[kind]), None)
+    return next((kind for kind in spec.instances if set(spec.inputs) <= provided(kind)), None)
 
 
 CASES = sorted(name for name, spec in OBJECTIVES.items() if _trainable_kind(spec) is not None)
@@ -246,7 +246,7 @@ def test_discopop_default_tau_learns_preference(tiny_model_path, tok, monkeypatc
 
 
 def test_smoke_covers_every_family():
-    """Coverage guard: an objective dropping out of CASES (say, an input missing from PROVIDED) is loud."""
+    """Coverage guard: an objective dropping out of CASES (say, an input missing from provided()) is loud."""
     expected = {"sft", "dpo", "ipo", "simpo", "orpo", "cpo", "slic", "kto", "bco", "rrhf", "pro",
                 "lipo_lambda", "ppa_ndcg", "grpo", "dapo", "dr_grpo", "gspo", "rloo"}
     assert expected <= set(CASES), sorted(expected - set(CASES))

@@ -128,6 +128,20 @@ class OptimizationConfig(Strict):
     logprob_chunk: int = Field(1024, ge=1)  # positions per LM-head chunk
     temperature: float = Field(1.0, gt=0)  # divide logits by the sampling temperature (on-policy RL)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; log-probs and losses stay fp32
+    # options of input providers (optimization/providers/), by provider name, e.g. {value_head: {...}}
+    inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("inputs")
+    @classmethod
+    def _known_providers(cls, inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from alignpipe.optimization.providers import validate_options
+
+        try:
+            validate_options(inputs)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ValueError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        return inputs
 
     @field_validator("objectives")
     @classmethod
@@ -179,8 +193,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _objectives_match_instances(self) -> Recipe:
-        from alignpipe.optimization.instances import PROVIDED
         from alignpipe.optimization.objectives import OBJECTIVES
+        from alignpipe.optimization.providers import provided
 
         kind = self.instantiation.kind
         for term in self.optimization.objectives:
@@ -190,7 +204,7 @@ class Recipe(Strict):
                     f"objective {term.name!r} trains on {'/'.join(spec.instances)} examples, "
                     f"but instantiation.kind is {kind!r}"
                 )
-            missing = [name for name in spec.inputs if name not in PROVIDED[kind]]
+            missing = [name for name in spec.inputs if name not in provided(kind)]
             if missing:
                 raise ValueError(
                     f"objective {term.name!r} needs {', '.join(missing)}, which {kind} examples built by this "

@@ -10,7 +10,7 @@ import copy
 import random
 import resource
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ class _Session:
     model_path: Path
     reference_model: Any
     console: Console
+    providers: list = field(default_factory=list)  # input providers (heads) kept across rounds
 
     def chat(self, prompt: Prompt) -> str:
         """The prompt through the chat template; multi-turn prompts keep their turns."""
@@ -114,8 +115,10 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
                                           recipe.seed + r)
     write_records(rd / "examples.parquet", examples, cls)
     train = optimize(s.model, s.tokenizer, examples, recipe.optimization, seed=recipe.seed + r,
-                     reference_model=s.reference_model)
+                     reference_model=s.reference_model, providers=s.providers)
     save_checkpoint(s.model, s.tokenizer, rd / "checkpoint")
+    for provider in s.providers:
+        provider.save(rd / "checkpoint")
     (rd / "checkpoint.fingerprint").write_text(fingerprint)
     scores = [score_of(j) for j in judgments]
     metrics = {

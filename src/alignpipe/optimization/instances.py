@@ -5,9 +5,10 @@
          the next example's completion (the KTO reference point z0 reads its log-ratio).
 - group: rows = the K completions of the group; a batch is group-major.
 
-`PROVIDED[kind]` is the set of tensor names the trainer can build for that kind; the recipe loader
-checks every objective's inputs against it, so a recipe asking for something the examples do not
-carry fails before any work starts.
+`BASE_PROVIDED[kind]` is the set of tensor names built here for that kind; input providers
+(`optimization/providers/`) add more; `providers.provided(kind)` is the union, which the recipe loader checks every
+objective's inputs against, so a recipe asking for something the examples do not carry fails before any
+work starts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from alignpipe.records import GroupExample, PairExample, PointExample
 
 Row = tuple[list[int], list[int]]
 
-PROVIDED: dict[str, frozenset[str]] = {
+BASE_PROVIDED: dict[str, frozenset[str]] = {
     "pair": frozenset({
         "chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
         "ref_rejected_logps", "margins", "weights", "chosen_token_logps", "rejected_token_logps",
@@ -31,6 +32,9 @@ PROVIDED: dict[str, frozenset[str]] = {
     "group": frozenset({"token_logps", "old_token_logps", "ref_token_logps", "completion_mask", "rewards",
                         "logps", "lengths", "ref_logps"}),
 }
+
+
+
 
 
 def kind_of(example: object) -> str:

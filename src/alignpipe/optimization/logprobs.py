@@ -21,6 +21,7 @@ class SequenceLogps:
     token_logps: torch.Tensor  # [B, L-1] per-token log-prob at target positions; 0 off the mask
     mask: torch.Tensor  # [B, L-1] 1 where the target token is a completion token
     lengths: torch.Tensor  # [B] completion tokens counted
+    hidden: torch.Tensor | None = None  # [B, L-1, H] last hidden state at each position (for heads)
 
     @property
     def mean_logps(self) -> torch.Tensor:
@@ -73,7 +74,8 @@ def sequence_logps(
     parts = _split_head(model)
     token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
     if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        logits, hidden = out.logits[:, :-1], out.hidden_states[-1][:, -targets.shape[1] - 1 : -1]
         selected = _label_logps_from_logits(logits[mask], targets[mask], temperature)
     else:
         decoder, head = parts

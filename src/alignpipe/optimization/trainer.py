@@ -2,9 +2,10 @@
 
 1. tokenise the round's examples (`Instances`: pair, point or group layout);
 2. precompute what stays fixed during the round, once: reference log-probs and, for on-policy groups,
-   the old-policy log-probs of the sampler;
+   the old-policy log-probs of the sampler; input providers prepare theirs (`providers/`);
 3. for each epoch, for each batch: one forward pass over every completion of the batch (chosen and
-   rejected, or a whole group, concatenated), the weighted objective list, backward, clip, step.
+   rejected, or a whole group, concatenated), the providers' tensors, the weighted objective list,
+   backward, clip, step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from alignpipe.optimization.batching import collate
 from alignpipe.optimization.instances import Instances, Row
 from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, combined_loss
+from alignpipe.optimization.providers import InputProvider, RoundContext, providers_for, validate_options
 from alignpipe.progress import progress
 
 
@@ -105,6 +107,21 @@ def _place(per_row: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     )
 
 
+def round_providers(specs: list, kind: str, cfg: OptimizationConfig, kept: list[InputProvider]) -> list[InputProvider]:
+    """The providers whose tensors the objectives read: those in `kept` are reused, missing ones are created
+    (options from the recipe's `optimization.inputs`) and appended to `kept`."""
+    wanted = {name for s in specs for name in s.inputs}
+    options = validate_options(cfg.inputs)
+    out = []
+    for cls in providers_for(wanted, kind):
+        provider = next((p for p in kept if type(p) is cls), None)
+        if provider is None:
+            provider = cls(options.get(cls.name))
+            kept.append(provider)
+        out.append(provider)
+    return out
+
+
 def _batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
     order = list(range(n))
     rng.shuffle(order)
@@ -120,8 +137,13 @@ def optimize(
     seed: int = 0,
     accelerator: Accelerator | None = None,
     reference_model: PreTrainedModel | None = None,
+    providers: list[InputProvider] | None = None,
 ) -> dict[str, float]:
-    """Train `model` in place on one round's examples; returns mean metrics over the round's steps."""
+    """Train `model` in place on one round's examples; returns mean metrics over the round's steps.
+
+    `providers`: the caller's list of input providers; the ones the objectives need and the list lacks are
+    created and appended to it, so that a caller keeping the list (the loop) keeps heads training across
+    rounds and can save them with each checkpoint."""
     if not examples:
         return {"steps": 0}
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -145,6 +167,11 @@ def optimize(
                 fixed["ref_token_logps"] = completion_logps(model, flat, pad_id, cfg, "reference log-probs")
     if any(s.needs_old_policy for s in specs):
         fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs")
+    ctx = RoundContext(model, tokenizer, instances, cfg, pad_id, accelerator.device, reference_model)
+    providers = round_providers(specs, instances.kind, cfg, providers if providers is not None else [])
+    for provider in providers:
+        provider.prepare(ctx)
+    params = params + [p for provider in providers for p in provider.parameters()]
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -178,7 +205,10 @@ def optimize(
                 placed = {name: _place([values[p] for p in positions], seq.mask) for name, values in fixed.items()}
                 if live_ref is not None:
                     placed["ref_token_logps"] = live_ref
-                loss, metrics = combined_loss(terms, instances.tensors(indices, seq, placed))
+                tensors = instances.tensors(indices, seq, placed)
+                for provider in providers:
+                    tensors.update(provider.batch(ctx, indices, seq, placed))
+                loss, metrics = combined_loss(terms, tensors)
                 accelerator.backward(loss / cfg.grad_accum)
                 if (micro + 1) % cfg.grad_accum == 0:
                     step()
