@@ -64,10 +64,15 @@ def test_objectives_doc_is_generated_from_the_registry():
     assert doc.read_text() == objectives_markdown(), "run: alignpipe objectives --markdown > docs/objectives.md"
 
 
-def test_recipe_asking_for_inputs_the_examples_lack_fails_at_load(tmp_path):
+def test_recipe_asking_for_inputs_the_examples_lack_fails_at_load(tmp_path, monkeypatch):
+    from alignpipe.optimization.objectives import OBJECTIVES, ObjectiveSpec
+
+    # every registered objective may have a provider by now: register one reading a tensor nothing builds
+    spec = ObjectiveSpec("needs_unbuilt", OBJECTIVES["dpo"].fn, "dpo", ("pair",), "", ("chosen_logps", "unbuilt"))
+    monkeypatch.setitem(OBJECTIVES, "needs_unbuilt", spec)
     path = tmp_path / "r.yaml"
-    path.write_text("optimization:\n  objectives: [{name: tdpo1}]\n")
-    with pytest.raises(AlignpipeError, match=r"objective 'tdpo1' needs chosen_token_kl, rejected_token_kl"):
+    path.write_text("optimization:\n  objectives: [{name: needs_unbuilt}]\n")
+    with pytest.raises(AlignpipeError, match=r"objective 'needs_unbuilt' needs unbuilt, which pair examples"):
         load_recipe(path)
     path.write_text("instantiation: {kind: group}\noptimization:\n  objectives: [{name: kto}]\n")
     with pytest.raises(AlignpipeError, match=r"objective 'kto' trains on point examples"):

@@ -111,7 +111,7 @@ def test_parse_rubric():
 
 
 def test_response_cannot_close_its_block():
-    conv = jp.conversation(jp.POINTWISE, [("instruction", "x"), ("response", INJECTION)], lo="1", hi="10")
+    conv = jp.conversation("pointwise", [("instruction", "x"), ("response", INJECTION)], lo="1", hi="10")
     user = conv[-1]["content"]
     assert user.count("</response>") == 1 and user.count("<response>") == 1
     assert "&lt;/response>" in user

@@ -83,6 +83,9 @@ class InstantiationConfig(Strict):
     min_margin: float = Field(0.0, ge=0)
     drop_uniform_groups: bool = True  # a group whose scores all tie carries no signal
     label_threshold: float = 0.5  # point: desirable when score >= threshold (the binarization rule)
+    # the judgment dimension that is the reward (ranks pairs, labels points, group rewards), e.g. "rule:correct";
+    # None: the mean of all of them. Every dimension is also kept on the examples (`dims`) for input providers.
+    score: str | None = None
 
 
 class ObjectiveTerm(Strict):

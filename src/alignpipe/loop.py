@@ -10,7 +10,7 @@ import copy
 import random
 import resource
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,18 @@ class _Session:
                         syn.max_new_tokens, syn.batch_size, self.recipe.seed + r,
                         {"model": str(self.model_path), "round": r}, f"round {r}: sampling")
 
+    def greedy_baselines(self, prompts: list[Prompt], r: int, rd: Path, fingerprint: str) -> dict[str, float]:
+        """ReMax's baseline b(x) = r(x, greedy decode) (arXiv 2310.10505): per prompt, one temperature-0 decode
+        of the round-start policy, judged like the samples; both stages cached beside them."""
+        syn, recipe = self.recipe.synthesis, self.recipe
+        greedy = cached_stage(rd / "baseline-candidates.parquet", fingerprint, Candidate, lambda: [
+            replace(c, id=f"{c.prompt_id}/greedy") for c in generate(
+                self.model, self.tokenizer, prompts, 1, 0.0, 1.0, syn.max_new_tokens, syn.batch_size, recipe.seed + r,
+                {"model": str(self.model_path), "round": r, "greedy": True}, f"round {r}: greedy baseline")])
+        judgments = cached_stage(rd / "baseline-judgments.parquet", fingerprint, Judgment,
+                                 lambda: judge_candidates(recipe.evaluation.judge, prompts, greedy))
+        return {j.prompt_id: score_of(j, recipe.instantiation.score) for j in judgments}
+
 
 def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> dict[str, Any]:
     """One round of the four stages; each stage's output is cached under round-NN/."""
@@ -111,8 +123,10 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: s.sample(prompts, r))
     judgments = cached_stage(rd / "judgments.parquet", fingerprint, Judgment,
                              lambda: judge_candidates(recipe.evaluation.judge, prompts, candidates))
+    reads_baseline = any("baseline_rewards" in OBJECTIVES[t.name].inputs for t in recipe.optimization.objectives)
+    baselines = s.greedy_baselines(prompts, r, rd, fingerprint) if reads_baseline else None
     examples, stats, cls = build_examples(recipe.instantiation, prompts, candidates, judgments, s.chat,
-                                          recipe.seed + r)
+                                          recipe.seed + r, baselines)
     write_records(rd / "examples.parquet", examples, cls)
     train = optimize(s.model, s.tokenizer, examples, recipe.optimization, seed=recipe.seed + r,
                      reference_model=s.reference_model, providers=s.providers)
@@ -120,7 +134,7 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     for provider in s.providers:
         provider.save(rd / "checkpoint")
     (rd / "checkpoint.fingerprint").write_text(fingerprint)
-    scores = [score_of(j) for j in judgments]
+    scores = [score_of(j, recipe.instantiation.score) for j in judgments]
     metrics = {
         "round": r, "prompts": len(prompts), "candidates": len(candidates),
         "sample_reward": sum(scores) / max(len(scores), 1),

@@ -59,6 +59,7 @@ class PointExample:
     weight: float = 1.0
     prompt_id: str = ""
     truncated: bool = False
+    dims: dict[str, float] = field(default_factory=dict)  # every score dimension of the judgment
 
 
 @dataclass
@@ -71,6 +72,11 @@ class PairExample:
     prompt_id: str = ""
     chosen_truncated: bool = False  # no EOS was generated: none is appended in training
     rejected_truncated: bool = False
+    chosen_dims: dict[str, float] = field(default_factory=dict)  # every score dimension of the judgments
+    rejected_dims: dict[str, float] = field(default_factory=dict)
+    # SELM: a sample of the round-start policy for the prompt (instantiation.best_vs_worst_pairs)
+    sampled: str | None = None
+    sampled_truncated: bool = False
 
 
 @dataclass
@@ -80,13 +86,15 @@ class GroupExample:
     scores: list[float]
     prompt_id: str = ""
     truncated: list[bool] = field(default_factory=list)
+    dims: list[dict[str, float]] = field(default_factory=list)  # per completion: every score dimension
+    baseline_score: float | None = None  # ReMax: the judged score of the policy's greedy decode
 
 
 R = TypeVar("R")
 
 # Nested dicts (meta, source, scores) are stored as JSON text: their keys vary from row to row,
 # which a fixed Arrow struct cannot hold.
-_JSON_FIELDS = {"meta", "source", "scores"}
+_JSON_FIELDS = {"meta", "source", "scores", "dims", "chosen_dims", "rejected_dims"}
 
 
 def to_rows(records: list[Any]) -> list[dict[str, Any]]:

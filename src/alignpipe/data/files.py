@@ -1,4 +1,5 @@
-"""Prompt files: jsonl or parquet rows with `prompt` (or `question`) and an optional `answer`."""
+"""Prompt files: jsonl or parquet rows with `prompt` (or `question`), an optional `answer`, and optional
+`rules` / `rules_mode` for the rule verifier (kept in `Prompt.meta`)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+def _rule_meta(row: dict) -> dict:
+    """A row's `rules` / `rules_mode` (for `evaluation.judge: rule_verifier`, which scores each rule as its
+    own dimension `rule:<name>`). Parquet unifies the specs' keys across rows, filling absent ones with null:
+    those are dropped again."""
+    meta = {k: row[k] for k in ("rules", "rules_mode") if row.get(k) is not None}
+    if isinstance(meta.get("rules"), list):
+        meta["rules"] = [{k: v for k, v in spec.items() if v is not None} if isinstance(spec, dict) else spec
+                         for spec in meta["rules"]]
+    return meta
+
+
 def to_prompts(rows: list[dict], path: str | Path, instruction: str = "") -> list[Prompt]:
     prompts = []
     for i, row in enumerate(rows, start=1):
@@ -51,7 +63,7 @@ def to_prompts(rows: list[dict], path: str | Path, instruction: str = "") -> lis
             raise AlignpipeError(f"{path}: row {i}: field 'answer' must be text or a number")
         full = f"{text.strip()}\n{instruction}".strip() if instruction else text.strip()
         prompts.append(Prompt(id=str(row.get("id", f"file:{i}")), prompt=full, task=row.get("task", "math"),
-                              reference=None if answer is None else str(answer)))
+                              reference=None if answer is None else str(answer), meta=_rule_meta(row)))
     return prompts
 
 

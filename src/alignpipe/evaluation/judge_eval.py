@@ -164,7 +164,8 @@ def json_safe(obj: Any) -> Any:
 
 
 def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None, limit: int | None = None,
-                       fmt: str = "auto", console: Any = None) -> list[dict[str, Any]]:
+                       fmt: str = "auto", console: Any = None, llm_options: dict[str, Any] | None = None
+                       ) -> list[dict[str, Any]]:
     """`alignpipe judge-eval --pairs FILE --judge NAME ... [--json OUT] [--limit N]`."""
     from rich.console import Console
 
@@ -179,7 +180,7 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
     if limit is not None and limit < 1:
         raise AlignpipeError(f"--limit must be at least 1, got {limit}")
     data = load_pairs(pairs, fmt=fmt, limit=limit)
-    judges = resolve_judges(judge)
+    judges = resolve_judges(judge, llm_options)
     rows = evaluate_judges(data, judges, console=console)
     console.print(render_table(rows, f"judge evaluation on {len(data)} human-labelled pairs ({pairs})"))
     for row in rows:

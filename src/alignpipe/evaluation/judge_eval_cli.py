@@ -15,9 +15,14 @@ def judge_eval(
                                     "both-orders:SPEC, ensemble:mean|median|vote|meta:SPEC+SPEC"),
     json_out: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N pairs"),
+    brief: bool = typer.Option(False, "--brief", help="LLM judges answer with the verdict line only, no "
+                               "rationale (a few tokens to generate instead of hundreds)"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
+                                              help="Generation budget of LLM judges (default 512; 48 with --brief)"),
 ) -> None:
     """Measure judges against human preference labels: agreement, position consistency, invalid rate,
     length bias, length-controlled agreement and throughput."""
     from alignpipe.evaluation.judge_eval import judge_eval_command
 
-    judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit)
+    options = {"brief": brief, "max_new_tokens": max_new_tokens or (48 if brief else 512)}
+    judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit, llm_options=options)

@@ -41,8 +41,7 @@ Judge correctness first, then helpfulness, relevance and clarity. Length is not 
 {reference_note}
 {material}
 
-Give a short justification (a few sentences). Then finish with one final line that contains only:
-Score: <an integer from {lo} to {hi}>"""
+{answer_format}"""
 
 ADDITIVE = """Assess the response to the user's instruction with the additive points system below.
 Begin at 0 points and award one point for each statement that is true of the response:
@@ -54,8 +53,7 @@ Begin at 0 points and award one point for each statement that is true of the res
 {reference_note}
 {material}
 
-Explain your total in at most 100 words. Then finish with one final line that contains only:
-Score: <the total number of points, an integer from 0 to 5>"""
+{answer_format}"""
 
 PAIRWISE = """Two AI assistants answered the same instruction. Decide which response carries it out better:
 correct first, then helpful, relevant and clear. The order in which the responses appear and their
@@ -63,25 +61,40 @@ lengths must not influence you. Answer "tie" only if they are genuinely equally 
 {reference_note}
 {material}
 
-Give a short comparison. Then finish with one final line that contains only one of:
-Verdict: A
-Verdict: B
-Verdict: tie"""
+{answer_format}"""
 
 RUBRIC = """###Task
 Assess the response strictly against each criterion of the rubric below. For every criterion the rubric
 describes what a response scoring 1, 2, 3, 4 or 5 looks like; pick the description that fits best.
-{reference_note}Write your feedback first, starting with "Feedback:", then give one score line per criterion.
-
+{reference_note}
 {material}
 
 ###Rubric
 {rubric}
 
 ###Output format
-Feedback: <your assessment, criterion by criterion>
-{score_lines}
+{answer_format}
 Each score line must be on its own line, in exactly that form, with an integer from 1 to 5."""
+
+# How the judge is asked to answer: with a rationale first (default), or with the verdict line(s) only
+# (`brief`: a few tokens to generate instead of hundreds, for small judges and large evaluations).
+# Keyed by template; `{lo}`, `{hi}` and `{score_lines}` are filled from the template's fields.
+ANSWER_FORMATS: dict[str, tuple[str, str]] = {
+    "pointwise": ("Give a short justification (a few sentences). Then finish with one final line that contains only:\n"
+                  "Score: <an integer from {lo} to {hi}>",
+                  "Answer with one line only, no explanation:\nScore: <an integer from {lo} to {hi}>"),
+    "additive": ("Explain your total in at most 100 words. Then finish with one final line that contains only:\n"
+                 "Score: <the total number of points, an integer from 0 to 5>",
+                 "Answer with one line only, no explanation:\n"
+                 "Score: <the total number of points, an integer from 0 to 5>"),
+    "pairwise": ("Give a short comparison. Then finish with one final line that contains only one of:\n"
+                 "Verdict: A\nVerdict: B\nVerdict: tie",
+                 "Answer with one line only, no explanation, that is one of:\nVerdict: A\nVerdict: B\nVerdict: tie"),
+    "rubric": ("Write your feedback first, starting with \"Feedback:\", then give one score line per criterion.\n"
+               "Feedback: <your assessment, criterion by criterion>\n{score_lines}",
+               "Give only the score lines, one per criterion, no feedback:\n{score_lines}"),
+}
+TEMPLATES = {"pointwise": POINTWISE, "additive": ADDITIVE, "pairwise": PAIRWISE, "rubric": RUBRIC}
 
 REFERENCE_NOTE = ("A reference answer (one that deserves the best mark) is provided in <reference_answer>; use it "
                   "to check the content of the response, not its wording.\n")
@@ -134,13 +147,15 @@ def block(tag: str, text: str) -> str:
     return f"<{tag}>\n{_neutralise(text)}\n</{tag}>"
 
 
-def conversation(template: str, blocks: list[tuple[str, str]], **fields: str) -> list[dict[str, str]]:
-    """System + user messages: the template filled with the tagged blocks (and a note on the reference
-    answer when a `reference_answer` block is among them)."""
+def conversation(kind: str, blocks: list[tuple[str, str]], brief: bool = False, **fields: str) -> list[dict[str, str]]:
+    """System + user messages: the `kind` template ("pointwise", "additive", "pairwise", "rubric") filled with
+    the tagged blocks (and a note on the reference answer when a `reference_answer` block is among them);
+    `brief` asks for the verdict line(s) only."""
     material = "\n\n".join(block(tag, text) for tag, text in blocks)
     note = REFERENCE_NOTE if any(tag == "reference_answer" for tag, _ in blocks) else ""
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": template.format(material=material, reference_note=note, **fields)}]
+    answer_format = ANSWER_FORMATS[kind][int(brief)].format(**fields)
+    user = TEMPLATES[kind].format(material=material, reference_note=note, answer_format=answer_format, **fields)
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
 def render_rubric(criteria: tuple[Criterion, ...] | list[Criterion]) -> tuple[str, str]:

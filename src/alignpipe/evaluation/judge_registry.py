@@ -6,6 +6,8 @@
     pointwise[:BACKEND]                     1-10 score, Prometheus rubric, additive 0-5
     rubric[:BACKEND]
     additive[:BACKEND]
+    atomic[:BACKEND]                        `atomic.AtomicLLMJudge`: a 1-10 score per sentence, in context
+                                            (`steps`), with their mean and min as the scores
     both-orders:SPEC                        `bias.BothOrdersJudge` around a pairwise SPEC (tie on disagreement)
     ensemble:mean:SPEC+SPEC+...             mean / median of pointwise scores
     ensemble:median:SPEC+SPEC+...
@@ -53,8 +55,10 @@ def _optional(module: str, spec: str) -> Any:
 class JudgeRegistry:
     """Resolves judge specs; caches backends so that judges on one model share it."""
 
-    def __init__(self) -> None:
+    def __init__(self, llm_options: dict[str, Any] | None = None) -> None:
         self._backends: dict[str, Any] = {}
+        self._judges: dict[str, Any] = {}  # a spec named twice (alone and in an ensemble) is one judge
+        self.llm_options = llm_options or {}  # e.g. {"brief": True, "max_new_tokens": 16} for every LLM judge
 
     def backend(self, target: str, spec: str) -> Any:
         key = target or "embedded"
@@ -74,6 +78,11 @@ class JudgeRegistry:
 
     def resolve(self, spec: str) -> Any:
         spec = spec.strip()
+        if spec not in self._judges:
+            self._judges[spec] = self._build(spec)
+        return self._judges[spec]
+
+    def _build(self, spec: str) -> Any:
         kind, _, rest = spec.partition(":")
         if kind in ("longer", "shorter") and not rest:
             return LengthJudge(kind)
@@ -88,7 +97,10 @@ class JudgeRegistry:
             cls = getattr(module, LLM_KINDS[kind], None)
             if cls is None:
                 raise AlignpipeError(f"judge {spec!r} not available: llm_judge has no {LLM_KINDS[kind]}")
-            return cls(self.backend(rest, spec))
+            return cls(self.backend(rest, spec), **self.llm_options)
+        if kind == "atomic":
+            atomic = _optional("alignpipe.evaluation.atomic", spec)
+            return atomic.AtomicLLMJudge(self.backend(rest, spec), **self.llm_options)
         if kind == "both-orders":
             inner = self.resolve(rest)
             if not callable(getattr(inner, "compare", None)):
@@ -98,7 +110,7 @@ class JudgeRegistry:
         if kind == "ensemble":
             return self._ensemble(rest, spec)
         raise AlignpipeError(f"unknown judge {spec!r}; known: longer, shorter, reward-model:DIR, "
-                             f"{', '.join(LLM_KINDS)}[:BACKEND], both-orders:SPEC, ensemble:KIND:SPEC+SPEC")
+                             f"{', '.join(LLM_KINDS)}, atomic[:BACKEND], both-orders:SPEC, ensemble:KIND:SPEC+SPEC")
 
     def _ensemble(self, rest: str, spec: str) -> Any:
         from alignpipe.evaluation import ensemble as ens
@@ -123,6 +135,6 @@ def resolve_judge(spec: str) -> Any:
     return JudgeRegistry().resolve(spec)
 
 
-def resolve_judges(specs: list[str]) -> list[Any]:
-    registry = JudgeRegistry()
+def resolve_judges(specs: list[str], llm_options: dict[str, Any] | None = None) -> list[Any]:
+    registry = JudgeRegistry(llm_options)
     return [registry.resolve(s) for s in specs]

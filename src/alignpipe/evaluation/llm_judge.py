@@ -52,7 +52,7 @@ class _LLMJudge:
 
     def __init__(self, backend: TextBackend, *, name: str | None = None, max_new_tokens: int = 512,
                  temperature: float = 0.0, retry_temperature: float = 0.7, parse_retries: int = 2,
-                 reference: str = "never"):
+                 reference: str = "never", brief: bool = False):
         if parse_retries < 0:
             raise ValueError("parse_retries must be >= 0")
         if reference not in REFERENCE_MODES:
@@ -64,7 +64,11 @@ class _LLMJudge:
         self.retry_temperature = retry_temperature
         self.parse_retries = parse_retries
         self.reference = reference
+        self.brief = brief  # verdict line(s) only, no rationale: a few tokens instead of hundreds
         self.stats: Counter[str] = Counter()
+        # A question asked again (an ensemble member already judged alone) is answered from its first
+        # valid answer instead of being generated again.
+        self._memo: dict[str, _Outcome] = {}
 
     # -- pieces shared by the judges
 
@@ -81,12 +85,15 @@ class _LLMJudge:
     def _run(self, conversations: list[list[Message] | str], parse: Callable[[str], jp.Parsed]) -> list[_Outcome]:
         """Query, parse, retry the unparsed. A `str` in place of a conversation is a pre-failed item."""
         outcomes = [_Outcome() for _ in conversations]
-        pending = []
+        pending, keys = [], [json.dumps(c) for c in conversations]
         for i, conv in enumerate(conversations):
             if isinstance(conv, str):
                 outcomes[i].status, outcomes[i].reason = "error", conv
+            elif keys[i] in self._memo:
+                outcomes[i] = self._memo[keys[i]]
             else:
                 pending.append(i)
+        self.stats["cached"] += len(conversations) - len(pending)
         for attempt in range(self.parse_retries + 1):
             if not pending:
                 break
@@ -116,8 +123,10 @@ class _LLMJudge:
                     out.reason = f"unparseable judge answer: {parsed.reason}"
                     still.append(i)
             pending = still
-        for out in outcomes:
+        for i, out in enumerate(outcomes):
             self.stats[out.status] += 1
+            if out.status == "ok":
+                self._memo[keys[i]] = out
         return outcomes
 
     def _judgment(self, prompt: Prompt, candidate_ids: list[str], out: _Outcome, **kw) -> Judgment:
@@ -199,7 +208,7 @@ class PointwiseLLMJudge(_ScoringJudge):
 
     def _conversation(self, prompt: Prompt, candidate: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), *self._reference_blocks(prompt), ("response", candidate.completion)]
-        return jp.conversation(jp.POINTWISE, blocks, lo=str(self.lo), hi=str(self.hi))
+        return jp.conversation("pointwise", blocks, self.brief, lo=str(self.lo), hi=str(self.hi))
 
     def _parse(self, text: str) -> jp.Parsed:
         return jp.parse_score(text, self.lo, self.hi)
@@ -217,7 +226,7 @@ class AdditiveLLMJudge(_ScoringJudge):
 
     def _conversation(self, prompt: Prompt, candidate: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), *self._reference_blocks(prompt), ("response", candidate.completion)]
-        return jp.conversation(jp.ADDITIVE, blocks)
+        return jp.conversation("additive", blocks, self.brief)
 
     def _parse(self, text: str) -> jp.Parsed:
         return jp.parse_score(text, 0, 5)
@@ -244,7 +253,8 @@ class RubricLLMJudge(_ScoringJudge):
 
     def _conversation(self, prompt: Prompt, candidate: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), ("response", candidate.completion), *self._reference_blocks(prompt)]
-        return jp.conversation(jp.RUBRIC, blocks, rubric=self._rubric, score_lines=self._score_lines)
+        return jp.conversation("rubric", blocks, self.brief, rubric=self._rubric,
+                               score_lines=self._score_lines)
 
     def _parse(self, text: str) -> jp.Parsed:
         return jp.parse_rubric(text, self.keys)
@@ -263,7 +273,7 @@ class PairwiseLLMJudge(_LLMJudge):
     def _conversation(self, prompt: Prompt, first: Candidate, second: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), *self._reference_blocks(prompt),
                   ("response_a", first.completion), ("response_b", second.completion)]
-        return jp.conversation(jp.PAIRWISE, blocks)
+        return jp.conversation("pairwise", blocks, self.brief)
 
     def compare(self, items: list[tuple[Prompt, Candidate, Candidate]]) -> list[Judgment]:
         convs: list[list[Message] | str] = []

@@ -91,7 +91,8 @@ def sequence_logps(
         selected = torch.cat(pieces) if pieces else hidden_sel.new_zeros(0, dtype=torch.float32)
     token_logps = token_logps.masked_scatter(mask, selected)
     return SequenceLogps(
-        logps=token_logps.sum(-1), token_logps=token_logps, mask=mask.float(), lengths=mask.sum(-1).float()
+        logps=token_logps.sum(-1), token_logps=token_logps, mask=mask.float(), lengths=mask.sum(-1).float(),
+        hidden=hidden,
     )
 
 

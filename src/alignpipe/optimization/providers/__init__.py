@@ -109,3 +109,10 @@ def validate_options(inputs: dict[str, dict[str, Any]]) -> dict[str, BaseModel]:
 
 
 # Importing the provider modules fills the registry.
+from alignpipe.optimization.providers import (  # noqa: E402,F401
+    example_fields,
+    heads,
+    selm,
+    token_kl,
+    token_weights,
+)
