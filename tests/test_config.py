@@ -86,3 +86,48 @@ def test_builtin_recipes_all_load():
 
     for path in (Path(alignpipe.__file__).parent / "recipes").glob("*.yaml"):
         assert load_recipe(path).name == path.stem
+
+
+def test_provider_option_errors_name_the_provider():
+    with pytest.raises(AlignpipeError, match=r"optimization\.inputs\.score_dims\.margins: Extra inputs are not permitted"):
+        load_recipe(None, {"optimization.inputs": {"score_dims": {"margins": ["a"]}}})
+    with pytest.raises(AlignpipeError, match=r"optimization\.inputs\.value_head\.learning_rate: Input should be greater"):
+        load_recipe(None, {"optimization.inputs": {"value_head": {"learning_rate": 0}}})
+    with pytest.raises(AlignpipeError, match=r"optimization\.inputs\.tisdpo_weights: low \(2\.0\) must be below"):
+        load_recipe(None, {"optimization.inputs": {"tisdpo_weights": {"low": 2}}})
+    with pytest.raises(AlignpipeError, match=r"optimization\.inputs: unknown input provider 'nope'"):
+        load_recipe(None, {"optimization.inputs": {"nope": {}}})
+
+
+def test_options_an_objective_needs_are_checked_at_load(tmp_path):
+    """MODPO without its margin dimensions, Safe-RLHF without its cost dimension: fail at load, naming the key
+    (not in `prepare`, after a round's sampling and judging)."""
+    with pytest.raises(AlignpipeError, match=r"optimization\.inputs\.score_dims\.margin: required for "
+                                             r"chosen_margin_rewards"):
+        load_recipe(_write(tmp_path, "optimization:\n  objectives: [{name: modpo}]\n"))
+    with pytest.raises(AlignpipeError, match=r"optimization\.inputs\.score_dims\.cost: required for costs"):
+        load_recipe(None, {"instantiation.kind": "group", "optimization.objectives": [{"name": "safe_rlhf"}]})
+    with pytest.raises(AlignpipeError, match=r"optimization\.inputs\.score_dims\.cost: required for chosen_unsafe"):
+        load_recipe(None, {"optimization.objectives": [{"name": "safe_rlhf_cost"}],
+                           "optimization.inputs": {"score_dims": {"margin": ["rule:short"]}}})
+    ok = load_recipe(None, {"optimization.objectives": [{"name": "modpo"}],
+                            "optimization.inputs": {"score_dims": {"margin": ["rule:short"]}}})
+    assert ok.optimization.inputs == {"score_dims": {"margin": ["rule:short"]}}
+    # a provider's check sees only the names the recipe's objectives read: cost is not needed for MODPO
+    assert load_recipe(None, {"optimization.objectives": [{"name": "dpo"}]}).optimization.inputs == {}
+
+
+def test_provider_check_hook_is_called_with_the_names_read(monkeypatch):
+    from alignpipe.optimization.providers import PROVIDERS
+
+    seen = []
+
+    def check(cls, options, names):
+        seen.append((cls.name, options.init_std, set(names)))
+        raise ValueError("init_std: too small for this test")
+
+    monkeypatch.setattr(PROVIDERS["value_head"], "check", classmethod(check))
+    with pytest.raises(AlignpipeError, match=r"optimization\.inputs\.value_head\.init_std: too small"):
+        load_recipe(None, {"instantiation.kind": "group", "optimization.objectives": [{"name": "ppo"}],
+                           "optimization.inputs": {"value_head": {"init_std": 0.5}}})
+    assert seen == [("value_head", 0.5, {"values", "old_values"})]

@@ -137,13 +137,11 @@ class OptimizationConfig(Strict):
     @field_validator("inputs")
     @classmethod
     def _known_providers(cls, inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Validate each provider's options with its `Options` model. A ValidationError raised here is merged
+        into the recipe's with its location nested under this field: `optimization.inputs.<provider>.<key>`."""
         from alignpipe.optimization.providers import validate_options
 
-        try:
-            validate_options(inputs)
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise ValueError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        validate_options(inputs)
         return inputs
 
     @field_validator("objectives")
@@ -197,7 +195,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _objectives_match_instances(self) -> Recipe:
         from alignpipe.optimization.objectives import OBJECTIVES
-        from alignpipe.optimization.providers import provided
+        from alignpipe.optimization.providers import check_options, provided
 
         kind = self.instantiation.kind
         for term in self.optimization.objectives:
@@ -213,6 +211,9 @@ class Recipe(Strict):
                     f"objective {term.name!r} needs {', '.join(missing)}, which {kind} examples built by this "
                     f"pipeline do not carry"
                 )
+        # options an objective cannot do without (MODPO's margin dimensions): before any sampling or judging
+        wanted = {name for term in self.optimization.objectives for name in OBJECTIVES[term.name].inputs}
+        check_options(self.optimization.inputs, wanted, kind)
         return self
 
     def fingerprint(self, *sections: str) -> str:

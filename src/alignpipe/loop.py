@@ -33,7 +33,7 @@ from alignpipe.models import (
     save_checkpoint,
 )
 from alignpipe.optimization.objectives import OBJECTIVES
-from alignpipe.optimization.trainer import optimize
+from alignpipe.optimization.trainer import optimize, round_providers
 from alignpipe.records import (
     Candidate,
     Judgment,
@@ -157,6 +157,16 @@ def _round_done(rd: Path, fingerprint: str) -> bool:
         and (rd / "metrics.json").is_file()
 
 
+def _resume_round(s: _Session, r: int, rd: Path) -> dict[str, Any]:
+    """A round finished earlier: load its checkpoint (the policy and the providers' saved state, e.g. heads)
+    and read its metrics back."""
+    load_checkpoint(s.model, rd / "checkpoint")
+    for provider in s.providers:
+        provider.load(rd / "checkpoint")
+    s.console.print(f"round {r}: done earlier, loaded {rd / 'checkpoint'}")
+    return yaml.safe_load((rd / "metrics.json").read_text())
+
+
 def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) the closed loop of `recipe`; returns the summary written to summary.json."""
     console = console or Console()
@@ -184,7 +194,10 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     needs_copy = opt.adapter is None and opt.reference == "base" and any(
         OBJECTIVES[t.name].needs_reference for t in opt.objectives)
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_copy else None
-    session = _Session(recipe, run_dir, model, tokenizer, model_path, reference_model, console)
+    # the providers the objectives read, made now (not in the first optimize) so that a resumed run can
+    # load their saved state (heads) from the last finished round; the trainer reuses these instances
+    providers = round_providers([OBJECTIVES[t.name] for t in opt.objectives], recipe.instantiation.kind, opt, [])
+    session = _Session(recipe, run_dir, model, tokenizer, model_path, reference_model, console, providers)
     before = session.heldout(data.heldout, eval_fp, "before")
     console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
     session.model = attach_adapter(model, opt.adapter)
@@ -194,9 +207,7 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         rd, fp = run_dir / f"round-{r:02d}", f"{base_fp}:{r}"
         torch.manual_seed(recipe.seed + r)
         if _round_done(rd, fp):
-            load_checkpoint(session.model, rd / "checkpoint")
-            rounds.append(yaml.safe_load((rd / "metrics.json").read_text()))
-            console.print(f"round {r}: done earlier, loaded {rd / 'checkpoint'}")
+            rounds.append(_resume_round(session, r, rd))
             continue
         start = r * per_round
         prompts = [pool[(start + i) % len(pool)] for i in range(per_round)]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
+from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe.config import OptimizationConfig
@@ -26,6 +28,8 @@ from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, combined_loss
 from alignpipe.optimization.providers import InputProvider, RoundContext, providers_for, validate_options
 from alignpipe.progress import progress
+
+T = TypeVar("T")
 
 
 def reference_context(model: PreTrainedModel, reference: str = "base") -> contextlib.AbstractContextManager:
@@ -45,11 +49,28 @@ class MovingReference:
     """TR-DPO's soft-updated reference (arXiv 2404.09656) over the trainable parameters: a shadow copy
     that is swapped in to compute reference log-probs, and pulled toward the policy every `every` steps
     by ref <- alpha * theta + (1 - alpha) * ref. Under LoRA the shadow is the adapter (reference =
-    base + shadow adapter), which starts equal to the policy at the start of the round."""
+    base + shadow adapter), which starts equal to the policy at the start of the round.
 
-    def __init__(self, params: list[torch.nn.Parameter], alpha: float, every: int):
-        self.params, self.alpha, self.every = params, alpha, every
+    Two ways to compute under the shadow: `swapped_in()` copies it into the live parameters (the trainer,
+    before the policy forward); `state()` / `call()` substitute it functionally, leaving the live parameters
+    and the autograd graph of a forward already run untouched (input providers, after that forward). The
+    latter need `names`, the parameters' names in the model (`named_parameters`)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], alpha: float, every: int, names: list[str] | None = None):
+        self.params, self.alpha, self.every, self.names = params, alpha, every, names
         self.shadow = [p.detach().clone() for p in params]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The shadow weights by parameter name (for `torch.func.functional_call` on the model)."""
+        if self.names is None:
+            raise ValueError("MovingReference built without parameter names")
+        return dict(zip(self.names, self.shadow, strict=True))
+
+    def call(self, model: torch.nn.Module, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(model, *args, **kwargs)` with the shadow substituted for the live trainable parameters of `model`,
+        functionally (`torch.func.functional_call` on a wrapper whose only submodule is `model`)."""
+        state = {f"model.{name}": tensor for name, tensor in self.state().items()}
+        return functional_call(_Apply(model), state, (fn, *args), kwargs)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -69,6 +90,18 @@ class MovingReference:
         if step % self.every == 0:
             for p, r in zip(self.params, self.shadow, strict=True):
                 r.mul_(1 - self.alpha).add_(p.detach(), alpha=self.alpha)
+
+
+class _Apply(torch.nn.Module):
+    """`forward(fn, ...)` = `fn(model, ...)`: lets `functional_call` substitute `model`'s parameters around any
+    function of the model (not only its `forward`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.model, *args, **kwargs)
 
 
 @torch.no_grad()
@@ -155,10 +188,11 @@ def optimize(
 
     # Fixed for the whole round: computed once, before the first step.
     fixed: dict[str, list[torch.Tensor]] = {}
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     moving = None
     if any(s.needs_reference for s in specs) and cfg.reference == "moving":
-        moving = MovingReference(params, cfg.ref_sync_alpha, cfg.ref_sync_every)
+        moving = MovingReference(params, cfg.ref_sync_alpha, cfg.ref_sync_every, [n for n, _ in named])
     elif any(s.needs_reference for s in specs):
         if reference_model is not None:
             fixed["ref_token_logps"] = completion_logps(reference_model, flat, pad_id, cfg, "reference log-probs")
@@ -167,13 +201,15 @@ def optimize(
                 fixed["ref_token_logps"] = completion_logps(model, flat, pad_id, cfg, "reference log-probs")
     if any(s.needs_old_policy for s in specs):
         fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs")
-    ctx = RoundContext(model, tokenizer, instances, cfg, pad_id, accelerator.device, reference_model)
+    ctx = RoundContext(model, tokenizer, instances, cfg, pad_id, accelerator.device, reference_model, moving)
     providers = round_providers(specs, instances.kind, cfg, providers if providers is not None else [])
     for provider in providers:
         provider.prepare(ctx)
-    params = params + [p for provider in providers for p in provider.parameters()]
+    # one AdamW: the policy's parameters at cfg.learning_rate, each provider's groups at their own lr if set
+    groups = [g for g in [{"params": params}] + [g for p in providers for g in p.param_groups()] if g["params"]]
+    params = [p for g in groups for p in g["params"]]
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rng = random.Random(seed)

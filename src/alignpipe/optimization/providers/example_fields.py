@@ -100,22 +100,30 @@ class ScoreDims(InputProvider):
         "group": frozenset({"costs"}),
     }
     Options = ScoreDimsOptions
+    MARGIN = frozenset({"chosen_margin_rewards", "rejected_margin_rewards"})
+    COST = frozenset({"costs", "chosen_unsafe", "rejected_unsafe"})
+
+    @classmethod
+    def check(cls, options: ScoreDimsOptions, names: set[str]) -> None:
+        """The dimensions are named nowhere else: without them the objective has no margin or cost to read."""
+        if names & cls.MARGIN and not options.margin:
+            raise ValueError(f"margin: required for {', '.join(sorted(names & cls.MARGIN))} (MODPO): name the "
+                             "margin dimensions, e.g. margin: ['rule:concise']")
+        if names & cls.COST and options.cost is None:
+            raise ValueError(f"cost: required for {', '.join(sorted(names & cls.COST))} (Safe-RLHF): name the "
+                             "cost dimension (cost > 0 = unsafe; invert_cost: true for a 0/1 passed check)")
 
     def prepare(self, ctx: RoundContext) -> None:
         wanted = _wanted(ctx) & self.provides.get(ctx.instances.kind, frozenset())
         self.wanted = wanted
+        try:  # recipes are checked at load; a config built in code meets the same check here
+            self.check(self.options, wanted)
+        except ValueError as err:
+            raise AlignpipeError(f"optimization.inputs.score_dims.{err}") from None
         per_example = [self._dims(e) for e in ctx.instances.examples]
         carried = {k for dims in per_example for d in dims for k in d}
-        needed = []
-        if wanted & {"chosen_margin_rewards", "rejected_margin_rewards"}:
-            if not self.options.margin:
-                raise AlignpipeError("chosen_margin_rewards: name the margin dimensions in "
-                                     "optimization.inputs.score_dims.margin (e.g. ['rule:concise'])")
-            needed += self.options.margin
-        if wanted & {"costs", "chosen_unsafe", "rejected_unsafe"}:
-            if self.options.cost is None:
-                raise AlignpipeError("costs / unsafe labels: name the cost dimension in "
-                                     "optimization.inputs.score_dims.cost (cost > 0 = unsafe)")
+        needed = list(self.options.margin) if wanted & self.MARGIN else []
+        if wanted & self.COST:
             needed.append(self.options.cost)
         absent = [d for d in needed if d not in carried]
         if absent:

@@ -12,8 +12,13 @@ never needed by the loss. Under full fine-tuning (`adapter: null`) the whole bac
 policy (every parameter `requires_grad=False`) only the head trains, on fixed features; the option
 `detach_backbone: true` gives the same for a trainable policy (the head's loss does not reach the trunk).
 
-Heads share the policy's learning rate (one optimizer): start small heads at zero (`init_std: 0`, the
-default) and raise `learning_rate` if a head learns too slowly.
+Learning rate: heads join the policy's AdamW as their own parameter group, at the option `learning_rate`
+when set, else the policy's `optimization.learning_rate`: the policy's rate is sized for small updates of
+pretrained weights, while a head is a fresh layer that may need a higher one. Start small heads at zero
+(`init_std: 0`, the default) and raise the head's `learning_rate` if it learns too slowly.
+
+Resume: `load(directory)` reads the saved file back; the loop calls it for a round it skips, so that the
+next round continues from the saved heads (and `init_from` no longer applies once heads are loaded).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class HeadOptions(BaseModel):
     # head also accepts a reward head's file (InstructGPT initialises the value model from the RM)
     init_from: str | None = None
     detach_backbone: bool = False  # train the head on detached hidden states (the trunk gets no gradient)
+    learning_rate: float | None = Field(None, gt=0)  # the head's AdamW lr; None = optimization.learning_rate
 
 
 def hidden_size(model: Any) -> int:
@@ -92,6 +98,16 @@ class _HeadProvider(InputProvider):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.heads.parameters())
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One AdamW group for every head of this provider, at `learning_rate` when the option is set."""
+        params = self.parameters()
+        if not params:
+            return []
+        group: dict[str, Any] = {"params": params}
+        if self.options.learning_rate is not None:
+            group["lr"] = self.options.learning_rate
+        return [group]
+
     def _ensure(self, ctx: RoundContext, keys: list[str]) -> None:
         if not self._initialised and self.options.init_from:
             self.load(Path(self.options.init_from), required=True, keys=keys)
@@ -124,7 +140,8 @@ class _HeadProvider(InputProvider):
 
     def load(self, source: Path, required: bool = False, keys: list[str] | None = None) -> bool:
         """Load heads from a checkpoint directory (or a `.safetensors` file); heads missing here are created
-        with the saved shape. Returns False when there is no file (an error if `required`)."""
+        with the saved shape. Returns False when there is no file (an error if `required`). Loaded heads count
+        as initialised: `init_from` is not applied over them (a resumed run continues from its checkpoint)."""
         from safetensors.torch import load_file
 
         source = Path(source)
@@ -145,6 +162,7 @@ class _HeadProvider(InputProvider):
             with torch.no_grad():
                 self.heads[key].weight.copy_(weight.to(device))
                 self.heads[key].bias.copy_(bias.to(device))
+        self._initialised = True
         return True
 
 

@@ -9,8 +9,9 @@ full fine-tuning, else `trainer.reference_context`).
 
 y_ref is `PairExample.sampled`: instantiation draws it uniformly from the prompt's candidates, which are samples
 of the round-start policy (the "previous iterate" SELM's reference is). Pairs without one (offline data, whose
-responses are not policy samples) fail in `prepare` with a message. `reference: moving` (TR-DPO) has no fixed
-reference to precompute against, and is refused.
+responses are not policy samples) fail in `prepare` with a message. Under `reference: moving` (TR-DPO) there is
+no fixed reference to precompute against: `ref_sampled_logps` is computed per batch under the trainer's shadow
+weights (`ctx.moving.call`, a functional substitution that leaves the policy's forward graph intact), no grad.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ class SelmSample(InputProvider):
         if any(e.sampled is None for e in examples):
             raise AlignpipeError("sampled_logps: pair examples carry no `sampled` response (a policy sample for the "
                                  "prompt); the loop adds one from synthesis.backend 'transformers' candidates")
-        if ctx.cfg.reference == "moving":
-            raise AlignpipeError("sampled_logps: optimization.reference 'moving' is not supported (use 'base' or "
-                                 "'round_start')")
         self.rows = [encode(ctx.tokenizer, e.prompt, e.sampled, e.sampled_truncated, ctx.cfg.max_length)
                      for e in examples]
+        self.ref_logps = None
+        if ctx.cfg.reference == "moving":
+            if ctx.moving is None:
+                raise AlignpipeError("sampled_logps: optimization.reference 'moving' needs the trainer's "
+                                     "MovingReference (RoundContext.moving)")
+            return  # per batch, under the shadow weights as they are then
         if ctx.reference_model is not None:
             ref = completion_logps(ctx.reference_model, self.rows, ctx.pad_id, ctx.cfg, "reference sample log-probs")
         else:
@@ -55,7 +59,16 @@ class SelmSample(InputProvider):
 
         device = seq.logps.device
         batch = {k: v.to(device) for k, v in collate([self.rows[i] for i in indices], ctx.pad_id).items()}
+        kwargs = {**batch, "temperature": ctx.cfg.temperature, "chunk_size": ctx.cfg.logprob_chunk}
         with autocast(ctx.cfg, device):
-            sampled = sequence_logps(ctx.model, **batch, temperature=ctx.cfg.temperature,
-                                     chunk_size=ctx.cfg.logprob_chunk)
-        return {"sampled_logps": sampled.logps, "ref_sampled_logps": self.ref_logps[indices].to(device)}
+            sampled = sequence_logps(ctx.model, **kwargs)
+        if self.ref_logps is not None:
+            return {"sampled_logps": sampled.logps, "ref_sampled_logps": self.ref_logps[indices].to(device)}
+        was_training = ctx.model.training
+        ctx.model.eval()  # as the precomputed references (completion_logps): dropout off
+        try:
+            with torch.no_grad(), autocast(ctx.cfg, device):
+                ref = ctx.moving.call(ctx.model, sequence_logps, **kwargs).logps
+        finally:
+            ctx.model.train(was_training)
+        return {"sampled_logps": sampled.logps, "ref_sampled_logps": ref.float()}

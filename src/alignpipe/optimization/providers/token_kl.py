@@ -125,8 +125,12 @@ class TokenKL(InputProvider):
     - `reference: round_start`, or no adapter and no reference copy: the trainable parameters as they
       were at `prepare` (a snapshot swapped in with `torch.func.functional_call`, so the policy's live
       parameters and the graph of its forward are untouched; under full fine-tuning the snapshot is a
-      copy of the trainable weights).
-    `reference: moving` (TR-DPO) is not supported: its shadow weights live inside the trainer.
+      copy of the trainable weights);
+    - `reference: moving` (TR-DPO): the trainer's shadow weights (`ctx.moving.state()`), read per batch and
+      substituted the same way with `functional_call`. `batch()` runs after the policy's forward, whose graph
+      saved the live parameters, so swapping the shadow into them (as the trainer does before that forward)
+      would break the backward; the functional substitution touches nothing. The shadow a batch sees is the
+      one the trainer's own `ref_token_logps` of that batch used (it moves only after optimizer steps).
     """
 
     name = "token_kl"
@@ -137,9 +141,12 @@ class TokenKL(InputProvider):
         self._snapshot: dict[str, torch.Tensor] | None = None
 
     def prepare(self, ctx: RoundContext) -> None:
-        if ctx.cfg.reference == "moving":
-            raise ValueError("token_kl (TDPO / TIS-DPO KL) does not support optimization.reference 'moving'")
+        if ctx.cfg.reference == "moving" and ctx.moving is None:
+            raise ValueError("token_kl: optimization.reference 'moving' needs the trainer's MovingReference "
+                             "(RoundContext.moving)")
         self._snapshot = None
+        if ctx.cfg.reference == "moving":
+            return
         if ctx.reference_model is None and (ctx.cfg.reference == "round_start"
                                             or not hasattr(ctx.model, "disable_adapter")):
             self._snapshot = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if p.requires_grad}
@@ -149,15 +156,16 @@ class TokenKL(InputProvider):
         from alignpipe.optimization.trainer import reference_context
 
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        if ctx.reference_model is not None:
+        moving = ctx.moving if ctx.cfg.reference == "moving" else None
+        if ctx.reference_model is not None and moving is None:
             return last_hidden(ctx.reference_model, ids, attn), output_head(ctx.reference_model)
         head = output_head(ctx.model)
-        if self._snapshot is not None:
+        snapshot = moving.state() if moving is not None else self._snapshot
+        if snapshot is not None:
             names = {id(p): n for n, p in ctx.model.named_parameters()}
-            head_params = {n: self._snapshot[names[id(p)]]
-                           for n, p in head.named_parameters() if names.get(id(p)) in self._snapshot}
+            head_params = {n: snapshot[names[id(p)]] for n, p in head.named_parameters() if names.get(id(p)) in snapshot}
             ref_head: Head = head if not head_params else (lambda h: functional_call(head, head_params, (h,)))
-            return last_hidden(ctx.model, ids, attn, self._snapshot), ref_head
+            return last_hidden(ctx.model, ids, attn, snapshot), ref_head
         with reference_context(ctx.model, ctx.cfg.reference):
             hidden = last_hidden(ctx.model, ids, attn)
         # an adapter on the LM head itself is disabled too: use the layer it wraps
