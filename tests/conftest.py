@@ -26,3 +26,24 @@ def gsm8k_path() -> Path:
     if not path.is_file():
         pytest.skip("shared/data/gsm8k is not beside the repository")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the tiny model's matmuls are microseconds; on a few shared cores intra-op threads
+    spin-wait for each other and make every step ~100x slower. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_path):
+    """The tiny model's tokenizer."""
+    from alignpipe.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_path)

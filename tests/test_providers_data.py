@@ -13,19 +13,27 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import (
+    MAX_LENGTH,
+    PROBLEMS,
+    arithmetic_groups,
+    arithmetic_points,
+    context,
+    encode_rows,
+    lora,
+    prompt,
+    record_losses,
+)
 
-import alignpipe.optimization.trainer as trainer
 from alignpipe import AlignpipeError
-from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig, Recipe, load_recipe
+from alignpipe.config import ObjectiveTerm, OptimizationConfig, Recipe, load_recipe
 from alignpipe.evaluation.rules import rule_verifier
 from alignpipe.instantiation import best_vs_worst_pairs, groups_with_scores, labelled_points, score_of
 from alignpipe.loop import run
-from alignpipe.models import attach_adapter, load_policy, load_tokenizer
-from alignpipe.optimization.batching import collate, encode
-from alignpipe.optimization.instances import Instances
+from alignpipe.models import load_policy
 from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES
-from alignpipe.optimization.providers import RoundContext, provided, validate_options
+from alignpipe.optimization.providers import provided, validate_options
 from alignpipe.optimization.providers.example_fields import GreedyBaseline, OptimalValues, ScoreDims
 from alignpipe.optimization.providers.selm import SelmSample
 from alignpipe.optimization.trainer import optimize
@@ -40,36 +48,12 @@ from alignpipe.records import (
 )
 from alignpipe.synthesis.transformers_backend import generate
 
-MAX_LENGTH = 64
-PROBLEMS = [(12, 34), (25, 17), (40, 29), (63, 11)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_path):
-    return load_tokenizer(tiny_model_path)
-
-
-def _prompt(tok, a: int, b: int) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], tokenize=False,
-                                   add_generation_prompt=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(name: str, inputs: dict | None = None, **params) -> OptimizationConfig:
     return OptimizationConfig(objectives=[ObjectiveTerm(name=name, **params)], learning_rate=3e-3, epochs=5,
                               max_length=MAX_LENGTH, batch_size=8, inputs=inputs or {})
-
-
-def _ctx(model, tok, examples: list, cfg: OptimizationConfig, reference_model=None) -> RoundContext:
-    return RoundContext(model, tok, Instances(examples, tok, cfg.max_length), cfg, tok.pad_token_id,
-                        torch.device("cpu"), reference_model)
 
 
 def _provider(cls, cfg: OptimizationConfig):
@@ -84,36 +68,22 @@ def _seq(n: int) -> SimpleNamespace:
 
 def _pairs(tok) -> list[PairExample]:
     """Chosen = correct, rejected = wrong; dims: `concise` favours chosen, `harm` (a cost) marks rejected."""
-    return [PairExample(prompt=_prompt(tok, a, b), chosen=f"it is {a + b}", rejected=f"it is {a + b + 11}",
+    return [PairExample(prompt=prompt(tok, a, b), chosen=f"it is {a + b}", rejected=f"it is {a + b + 11}",
                         margin=1.0, prompt_id=f"p{i}", sampled=f"it is {a + b + 1}",
                         chosen_dims={"correct": 1.0, "concise": 1.0, "harm": -0.5},
                         rejected_dims={"correct": 0.0, "concise": 0.25 * i, "harm": 0.5 + i})
-            for i, (a, b) in enumerate(PROBLEMS)]
+            for i, (a, b) in enumerate(PROBLEMS[:4])]
 
 
 def _points(tok) -> list[PointExample]:
-    out = []
-    for i, (a, b) in enumerate(PROBLEMS):
-        out.append(PointExample(prompt=_prompt(tok, a, b), completion=f"it is {a + b}", score=1.0, label=True,
-                                prompt_id=f"p{i}"))
-        out.append(PointExample(prompt=_prompt(tok, a, b), completion=f"it is {a + b + 11}", score=0.0,
-                                label=False, prompt_id=f"p{i}"))
-    return out
+    return arithmetic_points(tok, ids=True)
 
 
 def _groups(tok) -> list[GroupExample]:
     """4 prompts x 4 completions with distinct rewards (rotated); cost `harm` > 0 on the two worst."""
-    out = []
-    for g, (a, b) in enumerate(PROBLEMS):
-        s = a + b
-        completions = [f"it is {s}", f"it is {s + 1}", f"it is {s + 10}", f"it is {s + 21}"]
-        scores = [1.0, 0.6, 0.3, 0.0]
-        dims = [{"r": x, "harm": 1.0 if x < 0.5 else -1.0} for x in scores]
-        rot = slice(g, None), slice(None, g)
-        out.append(GroupExample(prompt=_prompt(tok, a, b), completions=completions[rot[0]] + completions[rot[1]],
-                                scores=scores[rot[0]] + scores[rot[1]], prompt_id=f"p{g}",
-                                dims=dims[rot[0]] + dims[rot[1]], baseline_score=0.5))
-    return out
+    return arithmetic_groups(tok, extra=lambda g, scores: {
+        "prompt_id": f"p{g}", "dims": [{"r": x, "harm": 1.0 if x < 0.5 else -1.0} for x in scores],
+        "baseline_score": 0.5})
 
 
 # --- provider tensors against plain computations -----------------------------------------------------------
@@ -124,13 +94,13 @@ def test_greedy_baseline_reads_baseline_score(tok):
         e.baseline_score = 0.1 * g
     cfg = _cfg("remax")
     provider = _provider(GreedyBaseline, cfg)
-    ctx = _ctx(None, tok, groups, cfg)
+    ctx = context(None, tok, groups, cfg)
     provider.prepare(ctx)
     out = provider.batch(ctx, [3, 1], _seq(8), {})
     assert torch.equal(out["baseline_rewards"], torch.tensor([0.3, 0.1]))
     groups[2].baseline_score = None
     with pytest.raises(AlignpipeError, match="baseline_score"):
-        provider.prepare(_ctx(None, tok, groups, cfg))
+        provider.prepare(context(None, tok, groups, cfg))
 
 
 @pytest.mark.parametrize("beta", [None, 0.3])
@@ -143,7 +113,7 @@ def test_optimal_values_match_formula(tok, beta):
     cfg = _cfg("apo_star", {"optimal_values": {} if beta is None else {"beta": beta}})
     beta1 = 0.5 if beta is None else beta
     provider = _provider(OptimalValues, cfg)
-    ctx = _ctx(None, tok, points, cfg)
+    ctx = context(None, tok, points, cfg)
     provider.prepare(ctx)
     indices = list(range(len(points)))[::-1]
     got = provider.batch(ctx, indices, _seq(len(indices)), {})["optimal_values"]
@@ -160,7 +130,7 @@ def test_score_dims_margins_costs_and_labels(tok):
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="modpo", objective_weights=[0.5, 0.3, 0.2])],
                              inputs={"score_dims": {"margin": ["concise", "correct"], "cost": "harm"}})
     provider = _provider(ScoreDims, cfg)
-    ctx = _ctx(None, tok, pairs, cfg)
+    ctx = context(None, tok, pairs, cfg)
     provider.prepare(ctx)
     out = provider.batch(ctx, [2, 0], _seq(4), {})
     assert torch.equal(out["chosen_margin_rewards"], torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
@@ -170,7 +140,7 @@ def test_score_dims_margins_costs_and_labels(tok):
     groups = _groups(tok)
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="safe_rlhf")], inputs={"score_dims": {"cost": "harm"}})
     provider = _provider(ScoreDims, cfg)
-    ctx = _ctx(None, tok, groups, cfg)
+    ctx = context(None, tok, groups, cfg)
     provider.prepare(ctx)
     costs = provider.batch(ctx, [1, 0], _seq(8), {})["costs"]
     assert torch.equal(costs, torch.tensor([[d["harm"] for d in groups[i].dims] for i in (1, 0)]))
@@ -178,7 +148,7 @@ def test_score_dims_margins_costs_and_labels(tok):
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="safe_rlhf")],
                              inputs={"score_dims": {"cost": "r", "invert_cost": True}})
     provider = _provider(ScoreDims, cfg)
-    provider.prepare(_ctx(None, tok, groups, cfg))
+    provider.prepare(context(None, tok, groups, cfg))
     costs = provider.batch(ctx, [0], _seq(4), {})["costs"]
     assert torch.allclose(costs, torch.tensor([[1 - d["r"] for d in groups[0].dims]]))
 
@@ -187,17 +157,16 @@ def test_score_dims_errors_name_the_option(tok):
     pairs = _pairs(tok)
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="modpo")])
     with pytest.raises(AlignpipeError, match="score_dims.margin"):
-        _provider(ScoreDims, cfg).prepare(_ctx(None, tok, pairs, cfg))
+        _provider(ScoreDims, cfg).prepare(context(None, tok, pairs, cfg))
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="modpo")], inputs={"score_dims": {"margin": ["nope"]}})
     with pytest.raises(AlignpipeError, match="nope.*concise"):
-        _provider(ScoreDims, cfg).prepare(_ctx(None, tok, pairs, cfg))
+        _provider(ScoreDims, cfg).prepare(context(None, tok, pairs, cfg))
     with pytest.raises(AlignpipeError, match="margins: Extra inputs"):
         load_recipe(None, {"optimization.inputs": {"score_dims": {"margins": ["a"]}}})
 
 
 def _perturbed_lora(path):
-    torch.manual_seed(0)
-    model = attach_adapter(load_policy(path), AdapterConfig(r=4, alpha=8))
+    model = lora(path, r=4, alpha=8)
     with torch.no_grad():  # LoRA B starts at 0: move it so that the policy differs from the reference
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -206,8 +175,7 @@ def _perturbed_lora(path):
 
 
 def _plain_logps(model, tok, rows: list[tuple[str, str]]):
-    batch = collate([encode(tok, p, c, False, MAX_LENGTH) for p, c in rows], tok.pad_token_id)
-    return sequence_logps(model, **batch)
+    return sequence_logps(model, **encode_rows(tok, rows))
 
 
 def test_selm_sampled_logps_are_sequence_logps(tiny_model_path, tok):
@@ -215,7 +183,7 @@ def test_selm_sampled_logps_are_sequence_logps(tiny_model_path, tok):
     pairs = _pairs(tok)
     cfg = _cfg("selm")
     provider = _provider(SelmSample, cfg)
-    ctx = _ctx(model, tok, pairs, cfg)
+    ctx = context(model, tok, pairs, cfg)
     provider.prepare(ctx)
     indices = [3, 0, 2]
     out = provider.batch(ctx, indices, _seq(3), {})
@@ -230,17 +198,17 @@ def test_selm_sampled_logps_are_sequence_logps(tiny_model_path, tok):
 
     # full fine-tuning: the frozen copy is the reference
     base = load_policy(tiny_model_path)
-    provider.prepare(_ctx(model, tok, pairs, cfg, reference_model=base))
+    provider.prepare(context(model, tok, pairs, cfg, reference_model=base))
     with torch.no_grad():
         expected = _plain_logps(base, tok, rows).logps
     torch.testing.assert_close(provider.batch(ctx, indices, _seq(3), {})["ref_sampled_logps"], expected,
                                rtol=1e-5, atol=1e-5)
 
     with pytest.raises(AlignpipeError, match="moving"):
-        provider.prepare(_ctx(model, tok, pairs, cfg.model_copy(update={"reference": "moving"})))
+        provider.prepare(context(model, tok, pairs, cfg.model_copy(update={"reference": "moving"})))
     pairs[1].sampled = None
     with pytest.raises(AlignpipeError, match="sampled"):
-        provider.prepare(_ctx(model, tok, pairs, cfg))
+        provider.prepare(context(model, tok, pairs, cfg))
 
 
 # --- instantiation carries the data ----------------------------------------------------------------------------
@@ -280,15 +248,7 @@ def test_instantiation_keeps_dims_samples_and_baselines():
 # --- training through optimize() --------------------------------------------------------------------------------
 
 def _losses(model, tok, examples, cfg, monkeypatch, calls: int = 3) -> list[list[float]]:
-    out: list[list[float]] = []
-    real = trainer.combined_loss
-
-    def recording(terms, tensors):
-        loss, metrics = real(terms, tensors)
-        out[-1].append(loss.item())
-        return loss, metrics
-
-    monkeypatch.setattr(trainer, "combined_loss", recording)
+    out = record_losses(monkeypatch)
     for seed in range(calls):
         out.append([])
         assert optimize(model, tok, examples, cfg, seed=seed)["steps"] == cfg.epochs
@@ -315,8 +275,7 @@ def test_objective_trains_on_carried_data(name, tiny_model_path, tok, monkeypatc
     if missing:
         pytest.skip(f"no provider builds {sorted(missing)} yet")
     data, inputs, params = SMOKES[name]
-    torch.manual_seed(0)
-    model = attach_adapter(load_policy(tiny_model_path), AdapterConfig(r=8, alpha=16))
+    model = lora(tiny_model_path)
     calls = _losses(model, tok, data(tok), _cfg(name, inputs, **params), monkeypatch)
     steps = [x for call in calls for x in call]
     assert all(math.isfinite(x) for x in steps), steps

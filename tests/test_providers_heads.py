@@ -11,76 +11,34 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import MAX_LENGTH, PROBLEMS, arithmetic_groups, arithmetic_pairs, context, lora, prompt
 
 import alignpipe.optimization.trainer as trainer
-from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig, load_recipe
-from alignpipe.models import attach_adapter, load_policy, load_tokenizer
+from alignpipe.config import ObjectiveTerm, OptimizationConfig, load_recipe
+from alignpipe.models import load_policy
 from alignpipe.optimization.batching import collate
-from alignpipe.optimization.instances import Instances
 from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.providers import RoundContext
 from alignpipe.optimization.providers.heads import HeadOptions, RewardHead, ValueHead, apply_head
 from alignpipe.optimization.trainer import optimize
-from alignpipe.records import GroupExample, PairExample, PointExample
+from alignpipe.records import GroupExample, PointExample
 
-MAX_LENGTH = 64
-PROBLEMS = [(12, 34), (25, 17), (40, 29), (63, 11), (18, 18), (51, 26), (33, 45), (70, 14)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny model's matmuls are microseconds (see test_training_smoke)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_path):
-    return load_tokenizer(tiny_model_path)
-
-
-def _prompt(tok, a: int, b: int) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], tokenize=False,
-                                   add_generation_prompt=True)
-
-
-def _pairs(tok) -> list[PairExample]:
-    return [PairExample(prompt=_prompt(tok, a, b), chosen=f"it is {a + b}", rejected=f"it is {a + b + 11}",
-                        margin=1.0)
-            for a, b in PROBLEMS]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _points(tok) -> list[PointExample]:
-    return [PointExample(prompt=_prompt(tok, a, b), completion=f"it is {a + b + off}", score=score, label=score > 0.5)
+    return [PointExample(prompt=prompt(tok, a, b), completion=f"it is {a + b + off}", score=score, label=score > 0.5)
             for a, b in PROBLEMS[:4] for off, score in ((0, 1.0), (11, 0.0), (1, 0.5))]
 
 
 def _groups(tok) -> list[GroupExample]:
-    out = []
-    for g, (a, b) in enumerate(PROBLEMS[:4]):
-        s = a + b
-        completions = [f"it is {s}", f"it is {s + 1} or so", f"it is {s + 10}", f"no idea {s + 21}"]
-        scores = [1.0, 0.6, 0.3, 0.0]
-        out.append(GroupExample(prompt=_prompt(tok, a, b), completions=completions[g:] + completions[:g],
-                                scores=scores[g:] + scores[:g]))
-    return out
-
-
-def _lora(path):
-    torch.manual_seed(0)
-    return attach_adapter(load_policy(path), AdapterConfig(r=8, alpha=16))
+    return arithmetic_groups(tok, lambda s: [f"it is {s}", f"it is {s + 1} or so", f"it is {s + 10}",
+                                             f"no idea {s + 21}"])
 
 
 def _cfg(name: str, **kw) -> OptimizationConfig:
     kw.setdefault("max_length", MAX_LENGTH)
     return OptimizationConfig(objectives=[ObjectiveTerm(name=name)], **kw)
-
-
-def _context(model, tok, examples, cfg) -> RoundContext:
-    return RoundContext(model, tok, Instances(examples, tok, cfg.max_length), cfg, tok.pad_token_id,
-                        torch.device("cpu"))
 
 
 def _forward(ctx: RoundContext, indices: list[int], grad: bool = False):
@@ -108,7 +66,7 @@ def test_values_are_the_head_on_the_hidden_state_predicting_each_token(tiny_mode
     model = load_policy(tiny_model_path)
     groups = _groups(tok)
     cfg = _cfg("ppo")
-    ctx = _context(model, tok, groups, cfg)
+    ctx = context(model, tok, groups, cfg)
     torch.manual_seed(1)
     provider = ValueHead(HeadOptions(init_std=0.2))
     provider.prepare(ctx)
@@ -132,7 +90,7 @@ def test_values_are_the_head_on_the_hidden_state_predicting_each_token(tiny_mode
 
 
 def test_old_values_equal_values_at_the_first_step(tiny_model_path, tok, monkeypatch):
-    model = _lora(tiny_model_path)
+    model = lora(tiny_model_path)
     groups = _groups(tok)
     seen = _recording(monkeypatch)
     providers: list = []
@@ -148,8 +106,8 @@ def test_old_values_equal_values_at_the_first_step(tiny_model_path, tok, monkeyp
 
 
 def test_value_head_gets_a_gradient(tiny_model_path, tok):
-    model = _lora(tiny_model_path)
-    ctx = _context(model, tok, _groups(tok), _cfg("ppo"))
+    model = lora(tiny_model_path)
+    ctx = context(model, tok, _groups(tok), _cfg("ppo"))
     provider = ValueHead()  # zero init: the gradient w.r.t. w is still SUM dL/dV_t h_t
     provider.prepare(ctx)
     _, seq = _forward(ctx, [0, 3], grad=True)
@@ -165,11 +123,11 @@ def test_value_head_gets_a_gradient(tiny_model_path, tok):
 def test_cost_head_only_when_read(tiny_model_path, tok):
     model = load_policy(tiny_model_path)
     provider = ValueHead()
-    provider.prepare(_context(model, tok, _groups(tok), _cfg("ppo")))
+    provider.prepare(context(model, tok, _groups(tok), _cfg("ppo")))
     assert set(provider.heads) == {"value"}
-    provider.prepare(_context(model, tok, _groups(tok), _cfg("safe_rlhf")))
+    provider.prepare(context(model, tok, _groups(tok), _cfg("safe_rlhf")))
     assert set(provider.heads) == {"value", "cost"}
-    ctx = _context(model, tok, _groups(tok), _cfg("safe_rlhf"))
+    ctx = context(model, tok, _groups(tok), _cfg("safe_rlhf"))
     _, seq = _forward(ctx, [0])
     out = provider.batch(ctx, [0], seq, {})
     assert set(out) == {"values", "old_values", "cost_values", "old_cost_values"}
@@ -177,7 +135,7 @@ def test_cost_head_only_when_read(tiny_model_path, tok):
 
 
 def test_ppo_trains_with_its_critic(tiny_model_path, tok, monkeypatch):
-    model = _lora(tiny_model_path)
+    model = lora(tiny_model_path)
     groups = _groups(tok)
     providers: list = []
     cfg = _cfg("ppo", learning_rate=3e-3, batch_size=4, epochs=4)
@@ -191,7 +149,7 @@ def test_ppo_trains_with_its_critic(tiny_model_path, tok, monkeypatch):
 def test_bf16_autocast_keeps_the_head_in_float32(tiny_model_path, tok):
     model = load_policy(tiny_model_path)
     cfg = _cfg("ppo", precision="bf16")
-    ctx = _context(model, tok, _groups(tok), cfg)
+    ctx = context(model, tok, _groups(tok), cfg)
     provider = ValueHead(HeadOptions(init_std=0.2))
     provider.prepare(ctx)
     batch = collate(ctx.instances.batch_rows([0]), ctx.pad_id)
@@ -210,7 +168,7 @@ def test_bf16_autocast_keeps_the_head_in_float32(tiny_model_path, tok):
 
 @torch.no_grad()
 def _pair_rewards(model, tok, provider: RewardHead, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    ctx = _context(model.eval(), tok, pairs, _cfg("bt_reward"))
+    ctx = context(model.eval(), tok, pairs, _cfg("bt_reward"))
     indices = list(range(len(pairs)))
     _, seq = _forward(ctx, indices)
     out = provider.batch(ctx, indices, seq, {})
@@ -219,10 +177,10 @@ def _pair_rewards(model, tok, provider: RewardHead, pairs) -> tuple[torch.Tensor
 
 def test_reward_is_the_head_at_the_last_completion_position(tiny_model_path, tok):
     model = load_policy(tiny_model_path)
-    pairs = _pairs(tok)[:3]
+    pairs = arithmetic_pairs(tok)[:3]
     torch.manual_seed(2)
     provider = RewardHead(HeadOptions(init_std=0.2))
-    ctx = _context(model, tok, pairs, _cfg("bt_reward"))
+    ctx = context(model, tok, pairs, _cfg("bt_reward"))
     provider.prepare(ctx)
     batch, seq = _forward(ctx, [0, 1, 2])
     out = provider.batch(ctx, [0, 1, 2], seq, {})
@@ -240,9 +198,9 @@ def test_reward_is_the_head_at_the_last_completion_position(tiny_model_path, tok
 
 def test_cost_head_only_when_read_for_pairs(tiny_model_path, tok):
     model = load_policy(tiny_model_path)
-    pairs = _pairs(tok)[:2]
+    pairs = arithmetic_pairs(tok)[:2]
     provider = RewardHead(HeadOptions(init_std=0.2))
-    ctx = _context(model, tok, pairs, _cfg("safe_rlhf_cost"))
+    ctx = context(model, tok, pairs, _cfg("safe_rlhf_cost"))
     provider.prepare(ctx)
     assert set(provider.heads) == {"cost"}
     _, seq = _forward(ctx, [0, 1])
@@ -252,8 +210,8 @@ def test_cost_head_only_when_read_for_pairs(tiny_model_path, tok):
 
 
 def test_bt_reward_head_learns_the_pairs(tiny_model_path, tok, monkeypatch):
-    model = _lora(tiny_model_path)
-    pairs = _pairs(tok)
+    model = lora(tiny_model_path)
+    pairs = arithmetic_pairs(tok)
     providers: list = []
     seen = _recording(monkeypatch)
     cfg = _cfg("bt_reward", learning_rate=3e-3, batch_size=8, epochs=30)
@@ -275,16 +233,16 @@ def test_frozen_policy_trains_the_reward_head_alone(tiny_model_path, tok):
     before = {n: p.clone() for n, p in model.named_parameters()}
     providers: list = []
     cfg = _cfg("bt_reward", learning_rate=3e-2, batch_size=8, epochs=20)
-    optimize(model, tok, _pairs(tok), cfg, seed=0, providers=providers)
+    optimize(model, tok, arithmetic_pairs(tok), cfg, seed=0, providers=providers)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     head = providers[0].heads["reward"]
     assert head.weight.abs().sum() > 0
-    chosen, rejected = _pair_rewards(model, tok, providers[0], _pairs(tok))
+    chosen, rejected = _pair_rewards(model, tok, providers[0], arithmetic_pairs(tok))
     assert (chosen > rejected).float().mean().item() >= 0.75, (chosen, rejected)
 
 
 def test_regression_reward_head_loss_falls(tiny_model_path, tok):
-    model = _lora(tiny_model_path)
+    model = lora(tiny_model_path)
     points = _points(tok)
     providers: list = []
     cfg = _cfg("regression_reward", learning_rate=3e-3, batch_size=len(points), epochs=10)
@@ -296,8 +254,8 @@ def test_regression_reward_head_loss_falls(tiny_model_path, tok):
 def test_saved_heads_reload_to_the_same_outputs(tiny_model_path, tok, tmp_path):
     model = load_policy(tiny_model_path)
     torch.manual_seed(3)
-    for cls, examples, name in ((ValueHead, _groups(tok), "safe_rlhf"), (RewardHead, _pairs(tok), "bt_reward")):
-        ctx = _context(model, tok, examples, _cfg(name))
+    for cls, examples, name in ((ValueHead, _groups(tok), "safe_rlhf"), (RewardHead, arithmetic_pairs(tok), "bt_reward")):
+        ctx = context(model, tok, examples, _cfg(name))
         provider = cls(HeadOptions(init_std=0.3))
         provider.prepare(ctx)
         provider.save(tmp_path)
@@ -316,7 +274,7 @@ def test_saved_heads_reload_to_the_same_outputs(tiny_model_path, tok, tmp_path):
         via_option.prepare(ctx)
         torch.testing.assert_close(via_option.batch(ctx, [0, 1], seq, {}), expected, atol=0, rtol=0)
     value = ValueHead(HeadOptions(init_from=str(tmp_path / "reward_head.safetensors")))  # critic from the RM
-    value.prepare(_context(model, tok, _groups(tok), _cfg("ppo")))
+    value.prepare(context(model, tok, _groups(tok), _cfg("ppo")))
     assert torch.equal(value.heads["value"].weight, reloaded.heads["reward"].weight)
 
 

@@ -12,23 +12,14 @@ import json
 
 import pytest
 import torch
+from tiny import arithmetic_pairs, lora
 
-from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig, Recipe
-from alignpipe.models import attach_adapter, load_policy, load_tokenizer
+from alignpipe.config import ObjectiveTerm, OptimizationConfig, Recipe
+from alignpipe.models import load_tokenizer
 from alignpipe.optimization.providers.heads import RewardHead, ValueHead
 from alignpipe.optimization.trainer import optimize
-from alignpipe.records import PairExample
 
-PROBLEMS = [(12, 34), (25, 17), (40, 29), (63, 11), (18, 18), (51, 26), (33, 45), (70, 14)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny model's matmuls are microseconds (see test_training_smoke)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ppo_recipe(tmp_path, tiny_model_path, rounds: int) -> Recipe:
@@ -75,20 +66,10 @@ def test_resumed_run_starts_the_next_round_from_the_saved_head(tmp_path, tiny_mo
         assert torch.equal(head[key], value), key
 
 
-def _pairs(tok) -> list[PairExample]:
-    def prompt(a: int, b: int) -> str:
-        return tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], tokenize=False,
-                                       add_generation_prompt=True)
-
-    return [PairExample(prompt=prompt(a, b), chosen=f"it is {a + b}", rejected=f"it is {a + b + 11}", margin=1.0)
-            for a, b in PROBLEMS]
-
-
 @pytest.mark.parametrize("head_lr", [None, 3e-2])
 def test_head_learning_rate_sets_its_first_adam_step(head_lr, tiny_model_path, monkeypatch):
     tok = load_tokenizer(tiny_model_path)
-    torch.manual_seed(0)
-    model = attach_adapter(load_policy(tiny_model_path), AdapterConfig(r=4, alpha=8))
+    model = lora(tiny_model_path, r=4, alpha=8)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     initial = []
     real = RewardHead.prepare
@@ -104,7 +85,7 @@ def test_head_learning_rate_sets_its_first_adam_step(head_lr, tiny_model_path, m
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="bt_reward")], learning_rate=policy_lr, batch_size=8,
                              max_length=64, inputs={"reward_head": options})
     providers: list = []
-    assert optimize(model, tok, _pairs(tok), cfg, seed=0, providers=providers)["steps"] == 1
+    assert optimize(model, tok, arithmetic_pairs(tok), cfg, seed=0, providers=providers)["steps"] == 1
     step = (providers[0].heads["reward"].weight.detach() - initial[0]).abs()
     expected = head_lr or policy_lr
     assert step.max().item() == pytest.approx(expected, rel=1e-3)

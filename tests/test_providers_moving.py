@@ -14,60 +14,25 @@ import math
 
 import pytest
 import torch
+from tiny import MAX_LENGTH, context, encode_rows, lora, perturb, plain_logp, short_pairs
 
-from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig
-from alignpipe.models import attach_adapter, load_policy, load_tokenizer
-from alignpipe.optimization.batching import collate, encode
-from alignpipe.optimization.instances import Instances
+from alignpipe.config import ObjectiveTerm, OptimizationConfig
+from alignpipe.optimization.batching import collate
 from alignpipe.optimization.logprobs import sequence_logps
-from alignpipe.optimization.providers import PROVIDERS, RoundContext
+from alignpipe.optimization.providers import PROVIDERS
 from alignpipe.optimization.trainer import MovingReference, optimize
-from alignpipe.records import PairExample
 
-MAX_LENGTH = 64
-CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_path):
-    return load_tokenizer(tiny_model_path)
-
-
-def _pairs() -> list[PairExample]:
-    return [
-        PairExample(prompt="What is 12 + 34?", chosen="it is 46", rejected="it is 57 or so, maybe", margin=1.0,
-                    sampled="46"),
-        PairExample(prompt="What is 7 + 5? Answer briefly.", chosen="12, since seven and five", rejected="13",
-                    margin=1.0, sampled="it is 12 I think"),
-        PairExample(prompt="2 + 2 =", chosen="4", rejected="five", margin=1.0, sampled="four"),
-    ]
-
-
-def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=gen))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moving_setup(path, tok, name: str):
     """A perturbed LoRA policy whose shadow is the policy at 'round start', then the policy moved on: the
     reference (shadow), the policy and the base all differ."""
-    torch.manual_seed(0)
-    model = attach_adapter(load_policy(path), AdapterConfig(r=8, alpha=16))
-    _perturb(model, seed=1)
+    model = lora(path)
+    perturb(model, seed=1)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     mover = MovingReference([p for _, p in named], 0.5, 1, [n for n, _ in named])
-    _perturb(model, seed=2)  # "training steps" since
+    perturb(model, seed=2)  # "training steps" since
     shadow_model = copy.deepcopy(model)
     with torch.no_grad():  # a plain model holding the shadow weights: the reference to compare against
         params = dict(shadow_model.named_parameters())
@@ -75,16 +40,8 @@ def _moving_setup(path, tok, name: str):
             params[n].copy_(r)
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name=name)], max_length=MAX_LENGTH, logprob_chunk=5,
                              reference="moving")
-    instances = Instances(_pairs(), tok, MAX_LENGTH)
-    ctx = RoundContext(model, tok, instances, cfg, tok.pad_token_id, CPU, None, mover)
+    ctx = context(model, tok, short_pairs(sampled=True), cfg, moving=mover)
     return model, shadow_model, ctx
-
-
-@torch.no_grad()
-def _plain_logp(model, batch) -> torch.Tensor:
-    model.eval()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return torch.log_softmax(logits.double(), dim=-1)
 
 
 def test_token_kl_under_moving_reference_is_the_kl_to_the_shadow(tiny_model_path, tok):
@@ -99,13 +56,13 @@ def test_token_kl_under_moving_reference_is_the_kl_to_the_shadow(tiny_model_path
     out = provider.batch(ctx, indices, seq, {})
     got = torch.cat([out["chosen_token_kl"], out["rejected_token_kl"]])
 
-    policy, ref = _plain_logp(model, batch), _plain_logp(shadow_model, batch)
+    policy, ref = plain_logp(model, batch), plain_logp(shadow_model, batch)
     mask = seq.mask.double()
     expected = (ref.exp() * (ref - policy)).sum(-1) * mask
     assert expected[mask.bool()].min() > 1e-3  # the shadow differs from the policy
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
     with model.disable_adapter():  # and it is not the base either
-        base = _plain_logp(model, batch)
+        base = plain_logp(model, batch)
     assert not torch.allclose((base.exp() * (base - policy)).sum(-1) * mask, expected, atol=1e-3)
 
     (got.sum() + seq.logps.sum()).backward()  # the policy forward's graph is intact
@@ -121,9 +78,8 @@ def test_selm_reference_sample_under_moving_reference(tiny_model_path, tok):
     model.train()
     seq = sequence_logps(model, **collate(ctx.instances.batch_rows(indices), ctx.pad_id))
     out = provider.batch(ctx, indices, seq, {})
-    pairs = _pairs()
-    rows = collate([encode(tok, pairs[i].prompt, pairs[i].sampled, False, MAX_LENGTH) for i in indices],
-                   tok.pad_token_id)
+    pairs = short_pairs(sampled=True)
+    rows = encode_rows(tok, [(pairs[i].prompt, pairs[i].sampled) for i in indices])
     with torch.no_grad():
         expected = sequence_logps(shadow_model.eval(), **rows).logps
         policy = sequence_logps(model.eval(), **rows).logps
@@ -135,9 +91,8 @@ def test_selm_reference_sample_under_moving_reference(tiny_model_path, tok):
 
 @pytest.mark.parametrize("name", ["tdpo1", "selm"])
 def test_optimize_with_moving_reference_provider(name, tiny_model_path, tok):
-    torch.manual_seed(0)
-    model = attach_adapter(load_policy(tiny_model_path), AdapterConfig(r=8, alpha=16))
+    model = lora(tiny_model_path)
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name=name)], max_length=MAX_LENGTH, batch_size=2, epochs=3,
                              learning_rate=3e-3, reference="moving", ref_sync_every=1, ref_sync_alpha=0.5)
-    metrics = optimize(model, tok, _pairs() * 2, cfg, seed=0)
+    metrics = optimize(model, tok, short_pairs(sampled=True) * 2, cfg, seed=0)
     assert metrics["steps"] == 9 and math.isfinite(metrics["loss"])

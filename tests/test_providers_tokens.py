@@ -10,78 +10,35 @@ import copy
 
 import pytest
 import torch
+from tiny import MAX_LENGTH, context, lora, perturb, plain_logp, short_pairs
 
-from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig, load_recipe
-from alignpipe.models import attach_adapter, load_policy, load_tokenizer
+from alignpipe.config import ObjectiveTerm, OptimizationConfig, load_recipe
+from alignpipe.models import load_policy
 from alignpipe.optimization.batching import collate
-from alignpipe.optimization.instances import Instances
 from alignpipe.optimization.logprobs import sequence_logps
-from alignpipe.optimization.providers import PROVIDERS, RoundContext, provided
+from alignpipe.optimization.providers import PROVIDERS, provided
 from alignpipe.optimization.providers.token_weights import TokenWeightOptions
-from alignpipe.records import PairExample
 
-MAX_LENGTH = 64
-CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_path):
-    return load_tokenizer(tiny_model_path)
-
-
-def _pairs() -> list[PairExample]:
-    """Pairs with completions of different lengths (padding inside the batch)."""
-    return [
-        PairExample(prompt="What is 12 + 34?", chosen="it is 46", rejected="it is 57 or so, maybe", margin=1.0),
-        PairExample(prompt="What is 7 + 5? Answer briefly.", chosen="12, since seven and five", rejected="13", margin=1.0),
-        PairExample(prompt="2 + 2 =", chosen="4", rejected="five", margin=1.0),
-    ]
-
-
-def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
-    """Move every trainable weight by random noise, so the policy differs from its reference."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=gen))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora(path, perturbed: bool = True):
-    torch.manual_seed(0)
-    model = attach_adapter(load_policy(path), AdapterConfig(r=8, alpha=16))
+    model = lora(path)
     if perturbed:
-        _perturb(model, seed=1)
+        perturb(model, seed=1)
     return model
 
 
 def _setup(model, tok, cfg: OptimizationConfig, reference_model=None):
-    instances = Instances(_pairs(), tok, MAX_LENGTH)
-    ctx = RoundContext(model, tok, instances, cfg, tok.pad_token_id, CPU, reference_model)
-    indices = list(range(len(instances.examples)))
-    batch = collate(instances.batch_rows(indices), tok.pad_token_id)
+    ctx = context(model, tok, short_pairs(), cfg, reference_model)
+    indices = list(range(len(ctx.instances.examples)))
+    batch = collate(ctx.instances.batch_rows(indices), tok.pad_token_id)
     return ctx, indices, batch
 
 
 def _seq(model, batch, cfg: OptimizationConfig):
     model.train()
     return sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
-
-
-@torch.no_grad()
-def _plain_logp(model, batch, temperature: float = 1.0) -> torch.Tensor:
-    """[N, L-1, V] float64 full-vocabulary log-softmax of a plain forward (position t predicts t+1)."""
-    model.eval()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return torch.log_softmax(logits.double() / temperature, dim=-1)
 
 
 def _cfg(name: str, **kw) -> OptimizationConfig:
@@ -108,9 +65,9 @@ def test_token_kl_matches_full_softmax_under_lora(temperature, tiny_model_path, 
     seq = _seq(model, batch, cfg)
     got = _kl(provider.batch(ctx, indices, seq, {}))
 
-    policy = _plain_logp(model, batch, temperature)
+    policy = plain_logp(model, batch, temperature)
     with model.disable_adapter():
-        ref = _plain_logp(model, batch, temperature)
+        ref = plain_logp(model, batch, temperature)
     mask = seq.mask.double()
     expected = (ref.exp() * (ref - policy)).sum(-1) * mask
     assert got.shape == seq.mask.shape and got.dtype == torch.float32
@@ -141,10 +98,10 @@ def test_token_kl_round_start_reference_is_the_snapshot(tiny_model_path, tok):
     provider = PROVIDERS["token_kl"]()
     provider.prepare(ctx)
     start = copy.deepcopy(model)
-    _perturb(model, seed=2)  # "training steps" after the round started
+    perturb(model, seed=2)  # "training steps" after the round started
     seq = _seq(model, batch, cfg)
     got = _kl(provider.batch(ctx, indices, seq, {}))
-    policy, ref = _plain_logp(model, batch), _plain_logp(start, batch)
+    policy, ref = plain_logp(model, batch), plain_logp(start, batch)
     expected = (ref.exp() * (ref - policy)).sum(-1) * seq.mask.double()
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
     got.sum().backward()
@@ -155,14 +112,14 @@ def test_token_kl_full_finetuning_reference_model(tiny_model_path, tok):
     """No adapter: the frozen copy passed as `reference_model` is the reference; gradient reaches the policy."""
     reference = load_policy(tiny_model_path).eval().requires_grad_(False)
     model = load_policy(tiny_model_path)
-    _perturb(model, seed=3, scale=0.05)
+    perturb(model, seed=3, scale=0.05)
     cfg = _cfg("tdpo1", adapter=None)
     ctx, indices, batch = _setup(model, tok, cfg, reference_model=reference)
     provider = PROVIDERS["token_kl"]()
     provider.prepare(ctx)
     seq = _seq(model, batch, cfg)
     got = _kl(provider.batch(ctx, indices, seq, {}))
-    policy, ref = _plain_logp(model, batch), _plain_logp(reference, batch)
+    policy, ref = plain_logp(model, batch), plain_logp(reference, batch)
     expected = (ref.exp() * (ref - policy)).sum(-1) * seq.mask.double()
     assert expected[seq.mask.bool()].min() > 1e-4
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
@@ -180,7 +137,7 @@ def test_logsumsq_matches_naive(tiny_model_path, tok):
     out = provider.batch(ctx, indices, seq, {})
     got = torch.cat([out["chosen_logsumsq"], out["rejected_logsumsq"]])
 
-    logp = _plain_logp(model, batch)
+    logp = plain_logp(model, batch)
     per_token = torch.log((logp.exp() ** 2).sum(-1))  # log SUM_v pi(v|ctx)^2
     expected = (per_token * seq.mask.double()).sum(-1)
     assert got.shape == (2 * len(indices),) and not got.requires_grad  # wpo_aligned reads it detached
@@ -198,7 +155,7 @@ def test_token_weights_from_contrastive_models(transform, tiny_model_path, tok, 
     positive = _lora(tiny_model_path)
     positive.save_pretrained(tmp_path / "positive")
     negative = load_policy(tiny_model_path)
-    _perturb(negative, seed=4, scale=0.1)
+    perturb(negative, seed=4, scale=0.1)
     negative.save_pretrained(tmp_path / "negative")
 
     options = {"positive": str(tmp_path / "positive"), "negative": str(tmp_path / "negative"),
@@ -237,7 +194,7 @@ def test_token_weights_defaults_policy_vs_reference(tiny_model_path, tok):
     ctx, _, _ = _setup(model, tok, cfg)
     provider = PROVIDERS["tisdpo_weights"]()
     provider.prepare(ctx)
-    _perturb(model, seed=5)  # later steps do not change the round's weights
+    perturb(model, seed=5)  # later steps do not change the round's weights
     indices = [2, 0]  # a batch in another order than the examples
     rows = collate(ctx.instances.batch_rows(indices), tok.pad_token_id)
     out = provider.batch(ctx, indices, _seq(model, rows, cfg), {})

@@ -26,18 +26,23 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny import (
+    MAX_LENGTH,
+    arithmetic_groups,
+    arithmetic_pairs,
+    arithmetic_points,
+    encode_rows,
+    lora,
+    record_losses,
+)
 
-import alignpipe.optimization.trainer as trainer
 from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig
-from alignpipe.models import attach_adapter, load_policy, load_tokenizer
-from alignpipe.optimization.batching import collate, encode
+from alignpipe.models import attach_adapter, load_policy
 from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, ObjectiveSpec
 from alignpipe.optimization.providers import provided
 from alignpipe.optimization.trainer import optimize, reference_context
-from alignpipe.records import GroupExample, PairExample, PointExample
 
-MAX_LENGTH = 64
 LEARNING_RATE = 3e-3
 CALLS, EPOCHS = 6, 5  # 6 optimize() calls x 5 epochs x 1 full-data batch = 30 optimizer steps
 
@@ -88,81 +93,22 @@ CASES = sorted(name for name, spec in OBJECTIVES.items()
                if _trainable_kind(spec) is not None and name not in ROUND_DATA and name not in HEAD_ONLY)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are microseconds; on a few shared cores intra-op threads spin-wait for each
-    other and make every step ~100x slower. One thread keeps the module at seconds per objective."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tiny model's matmuls are microseconds; on a few shared cores intra-op threads spin-wait for each
+# other and make every step ~100x slower. One thread keeps the module at seconds per objective.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_path):
-    return load_tokenizer(tiny_model_path)
+# --- data (tiny.py): 8 arithmetic prompts; correct answers are good, wrong ones (same length) bad -------
 
-
-# --- data: 8 arithmetic prompts; correct answers are good, wrong ones (same length) bad ------------------
-
-PROBLEMS = [(12, 34), (25, 17), (40, 29), (63, 11), (18, 18), (51, 26), (33, 45), (70, 14)]
-
-
-def _prompt(tok, a: int, b: int) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], tokenize=False,
-                                   add_generation_prompt=True)
-
-
-def _pairs(tok) -> list[PairExample]:
-    return [PairExample(prompt=_prompt(tok, a, b), chosen=f"it is {a + b}", rejected=f"it is {a + b + 11}",
-                        margin=1.0) for a, b in PROBLEMS]
-
-
-def _points(tok) -> list[PointExample]:
-    """4 prompts, each with a desirable and an undesirable completion (interleaved)."""
-    out = []
-    for a, b in PROBLEMS[:4]:
-        out.append(PointExample(prompt=_prompt(tok, a, b), completion=f"it is {a + b}", score=1.0,
-                                label=True))
-        out.append(PointExample(prompt=_prompt(tok, a, b), completion=f"it is {a + b + 11}", score=0.0,
-                                label=False))
-    return out
-
-
-def _groups(tok) -> list[GroupExample]:
-    """4 prompts x K = 4 completions with distinct rewards, rotated so reward is not tied to position."""
-    out = []
-    for g, (a, b) in enumerate(PROBLEMS[:4]):
-        s = a + b
-        completions = [f"it is {s}", f"it is {s + 1}", f"it is {s + 10}", f"it is {s + 21}"]
-        scores = [1.0, 0.6, 0.3, 0.0]
-        out.append(GroupExample(prompt=_prompt(tok, a, b), completions=completions[g:] + completions[:g],
-                                scores=scores[g:] + scores[:g]))
-    return out
-
-
-DATA = {"pair": _pairs, "point": _points, "group": _groups}
+DATA = {"pair": arithmetic_pairs, "point": arithmetic_points, "group": arithmetic_groups}
 
 
 # --- training and measuring ---------------------------------------------------------------------------------
 
-def _lora_policy(path):
-    torch.manual_seed(0)  # LoRA A init
-    return attach_adapter(load_policy(path), AdapterConfig(r=8, alpha=16))
-
-
 def _train(model, tok, examples: list, cfg: OptimizationConfig, monkeypatch) -> list[list[float]]:
     """`CALLS` optimize() calls; per call, the loss of each optimizer step (recorded around the trainer's
     `combined_loss`; checked against the mean `optimize()` returns)."""
-    calls: list[list[float]] = []
-    real = trainer.combined_loss
-
-    def recording(terms, tensors):
-        loss, metrics = real(terms, tensors)
-        calls[-1].append(loss.item())
-        return loss, metrics
-
-    monkeypatch.setattr(trainer, "combined_loss", recording)
+    calls = record_losses(monkeypatch)
     for seed in range(CALLS):
         calls.append([])
         metrics = optimize(model, tok, examples, cfg, seed=seed)
@@ -182,7 +128,7 @@ def _rows(examples: list, kind: str) -> list[tuple[str, str]]:
 @torch.no_grad()
 def _logps(model, tok, rows: list[tuple[str, str]]):
     device = next(model.parameters()).device
-    batch = collate([encode(tok, p, c, False, MAX_LENGTH) for p, c in rows], tok.pad_token_id)
+    batch = encode_rows(tok, rows)
     return sequence_logps(model.eval(), **{k: v.to(device) for k, v in batch.items()})
 
 
@@ -226,7 +172,7 @@ def _smoke(name: str, params: dict, tiny_model_path, tok, monkeypatch) -> None:
     spec = OBJECTIVES[name]
     kind = _trainable_kind(spec)
     examples = DATA[kind](tok)
-    model = _lora_policy(tiny_model_path)
+    model = lora(tiny_model_path)
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name=name, **params)], learning_rate=LEARNING_RATE,
                              batch_size=len(examples), epochs=EPOCHS, max_length=MAX_LENGTH)
     before = _signal(model, tok, examples, kind, spec)
@@ -286,7 +232,7 @@ def test_adapter_trains_and_reference_is_base(method, tiny_model_path, tok):
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(ADAPTER_PARAM_MARKERS[method] in n for n in trainable), sorted(trainable)
 
-    pairs = _pairs(tok)
+    pairs = arithmetic_pairs(tok)
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="dpo")], learning_rate=1e-2, batch_size=4,
                              max_length=MAX_LENGTH)
     metrics = optimize(model, tok, pairs, cfg, seed=0)
