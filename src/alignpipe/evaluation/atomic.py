@@ -158,6 +158,7 @@ class AtomicLLMJudge(_LLMJudge):
     """
 
     kind = "llm_atomic"
+    logprob_verdicts = False  # one verdict per sentence is generated and parsed
 
     def __init__(self, backend: TextBackend, *, scale: tuple[int, int] = (1, 10), criterion: str = "sentence",
                  allow_partial: bool = False, **kw):

@@ -26,6 +26,8 @@ import math
 import time
 from typing import Any
 
+from rich.markup import escape
+
 from alignpipe.data.pairs import LabelledPair
 from alignpipe.evaluation.ensemble import is_pairwise, main_score, safe_call
 from alignpipe.evaluation.length_control import length_bias, length_controlled, preference_value
@@ -129,7 +131,7 @@ def evaluate_judges(pairs: list[LabelledPair], judges: list[Any], reference: boo
     rows = [human_reference(pairs)] if reference else []
     for judge in judges:
         if console is not None:
-            console.print(f"judging {len(pairs)} pairs with {judge.name} ...")
+            console.print(f"judging {len(pairs)} pairs with {escape(judge.name)} ...")
         rows.append(evaluate_judge(pairs, judge))
     return rows
 
@@ -148,7 +150,7 @@ def render_table(rows: list[dict[str, Any]], title: str = "judge evaluation") ->
     for _, header, _ in COLUMNS:
         table.add_column(header, justify="left" if header in ("judge", "kind") else "right")
     for row in rows:
-        table.add_row(*[_cell(row, key, fmt) for key, _, fmt in COLUMNS])
+        table.add_row(*[escape(_cell(row, key, fmt)) for key, _, fmt in COLUMNS])  # `[logprobs]` is no markup
     return table
 
 
@@ -185,7 +187,8 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
     console.print(render_table(rows, f"judge evaluation on {len(data)} human-labelled pairs ({pairs})"))
     for row in rows:
         if row.get("sample_reasons"):
-            console.print(f"[yellow]{row['judge']}[/]: invalid examples: {'; '.join(row['sample_reasons'])}")
+            console.print(f"[yellow]{escape(row['judge'])}[/]: invalid examples: "
+                          f"{escape('; '.join(row['sample_reasons']))}")
     if json_out:
         write_json(json_out, json_safe(rows))
         console.print(f"wrote {json_out}")

@@ -19,10 +19,22 @@ def judge_eval(
                                "rationale (a few tokens to generate instead of hundreds)"),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
                                               help="Generation budget of LLM judges (default 512; 48 with --brief)"),
+    verdict: str = typer.Option("generate", "--verdict", help="How LLM judges give verdicts: 'generate' (write "
+                                "an answer, parse it) or 'logprobs' (one forward pass: probabilities of the "
+                                "allowed answers after the pre-filled verdict prefix; local models only)"),
+    precision: str = typer.Option("fp32", "--precision", help="Logprob verdicts: 'fp32' or 'bf16' (autocast)"),
 ) -> None:
     """Measure judges against human preference labels: agreement, position consistency, invalid rate,
     length bias, length-controlled agreement and throughput."""
+    from alignpipe import AlignpipeError
     from alignpipe.evaluation.judge_eval import judge_eval_command
+    from alignpipe.evaluation.logprob_verdicts import PRECISIONS, VERDICTS
 
-    options = {"brief": brief, "max_new_tokens": max_new_tokens or (48 if brief else 512)}
+    if verdict not in VERDICTS:
+        raise AlignpipeError(f"--verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
+    if precision not in PRECISIONS:
+        raise AlignpipeError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    options: dict = {"brief": brief, "max_new_tokens": max_new_tokens or (48 if brief else 512)}
+    if verdict != "generate" or precision != "fp32":
+        options.update(verdict=verdict, precision=precision)
     judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit, llm_options=options)

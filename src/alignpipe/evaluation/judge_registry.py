@@ -58,7 +58,8 @@ class JudgeRegistry:
     def __init__(self, llm_options: dict[str, Any] | None = None) -> None:
         self._backends: dict[str, Any] = {}
         self._judges: dict[str, Any] = {}  # a spec named twice (alone and in an ensemble) is one judge
-        self.llm_options = llm_options or {}  # e.g. {"brief": True, "max_new_tokens": 16} for every LLM judge
+        # e.g. {"brief": True, "max_new_tokens": 16} or {"verdict": "logprobs", "precision": "bf16"}: every LLM judge
+        self.llm_options = llm_options or {}
 
     def backend(self, target: str, spec: str) -> Any:
         key = target or "embedded"
@@ -99,6 +100,8 @@ class JudgeRegistry:
                 raise AlignpipeError(f"judge {spec!r} not available: llm_judge has no {LLM_KINDS[kind]}")
             return cls(self.backend(rest, spec), **self.llm_options)
         if kind == "atomic":
+            if self.llm_options.get("verdict", "generate") != "generate":
+                raise AlignpipeError(f"judge {spec!r}: the atomic judge has no logprobs verdict mode")
             atomic = _optional("alignpipe.evaluation.atomic", spec)
             return atomic.AtomicLLMJudge(self.backend(rest, spec), **self.llm_options)
         if kind == "both-orders":

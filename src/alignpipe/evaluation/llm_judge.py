@@ -19,6 +19,12 @@ one is an `error` row). It is off by default because `Prompt.reference` may hold
 rather than an answer (code tasks): turn it on where the reference is a gold answer.
 
 The prompts and the strict verdict parsers are in `judge_prompts.py`.
+
+Verdict modes: `verdict="generate"` (default) generates an answer and parses it, as above;
+`verdict="logprobs"` asks the brief question, pre-fills the verdict line's prefix and reads the
+distribution over the allowed answers in one forward pass (`logprob_verdicts.py`; needs a backend with
+`choice_logprobs`, i.e. `TransformersBackend`; `precision="bf16"` runs it under bf16 autocast). Its judges
+are named `<kind>[logprobs]:<backend>` so that both modes can be compared side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from alignpipe.evaluation import judge_prompts as jp
+from alignpipe.evaluation import logprob_verdicts as lv
 from alignpipe.evaluation.base import Message, TextBackend
 from alignpipe.records import Candidate, Judgment, Prompt
 from alignpipe.synthesis.backends import is_backend_error
@@ -49,22 +56,33 @@ class _LLMJudge:
     re-ask only the unparsed items, and turn the outcomes into judgments."""
 
     kind = "llm"
+    logprob_verdicts = True  # whether verdict="logprobs" is implemented for this judge
 
     def __init__(self, backend: TextBackend, *, name: str | None = None, max_new_tokens: int = 512,
                  temperature: float = 0.0, retry_temperature: float = 0.7, parse_retries: int = 2,
-                 reference: str = "never", brief: bool = False):
+                 reference: str = "never", brief: bool = False, verdict: str = "generate",
+                 precision: str = "fp32"):
         if parse_retries < 0:
             raise ValueError("parse_retries must be >= 0")
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, not {reference!r}")
+        if verdict not in lv.VERDICTS:
+            raise ValueError(f"verdict must be one of {lv.VERDICTS}, not {verdict!r}")
+        if precision not in lv.PRECISIONS:
+            raise ValueError(f"precision must be one of {lv.PRECISIONS}, not {precision!r}")
+        if verdict == "logprobs" and not self.logprob_verdicts:
+            raise ValueError(f"{self.kind} has no verdict='logprobs' mode")
         self.backend = backend
-        self.name = name or f"{self.kind}:{backend.name}"
+        self.verdict = verdict
+        self.precision = precision  # for verdict="logprobs": "fp32" or "bf16" (autocast)
+        mode = "[logprobs]" if verdict == "logprobs" else ""
+        self.name = name or f"{self.kind}{mode}:{backend.name}"
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.retry_temperature = retry_temperature
         self.parse_retries = parse_retries
         self.reference = reference
-        self.brief = brief  # verdict line(s) only, no rationale: a few tokens instead of hundreds
+        self.brief = brief or verdict == "logprobs"  # verdict line(s) only, no rationale: a few tokens instead of hundreds
         self.stats: Counter[str] = Counter()
         # A question asked again (an ensemble member already judged alone) is answered from its first
         # valid answer instead of being generated again.
@@ -159,6 +177,8 @@ class _ScoringJudge(_LLMJudge):
         return {self.criterion: float(value)}  # type: ignore[attr-defined, arg-type]
 
     def score(self, items: list[tuple[Prompt, Candidate]]) -> list[Judgment]:
+        if self.verdict == "logprobs":
+            return lv.score(self, items)
         convs: list[list[Message] | str] = []
         for prompt, cand in items:
             try:
@@ -223,6 +243,7 @@ class AdditiveLLMJudge(_ScoringJudge):
     def __init__(self, backend: TextBackend, *, criterion: str = "additive", **kw):
         super().__init__(backend, **kw)
         self.criterion = criterion
+        self.lo, self.hi = 0, 5
 
     def _conversation(self, prompt: Prompt, candidate: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), *self._reference_blocks(prompt), ("response", candidate.completion)]
@@ -276,6 +297,8 @@ class PairwiseLLMJudge(_LLMJudge):
         return jp.conversation("pairwise", blocks, self.brief)
 
     def compare(self, items: list[tuple[Prompt, Candidate, Candidate]]) -> list[Judgment]:
+        if self.verdict == "logprobs":
+            return lv.compare(self, items)
         convs: list[list[Message] | str] = []
         for prompt, a, b in items:
             try:

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,23 @@ class TransformersBackend:
             for i, (tokens, _ended) in zip(batch, results, strict=True):
                 out[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return out
+
+    def choice_logprobs(self, conversations: list[list[Message]], assistant_prefix: str | list[str],
+                        choices: list[str], *, then: Callable[[int, int, dict[str, float]], str | None] | None = None,
+                        precision: str = "fp32", description: str = "scoring choices"
+                        ) -> list[list[dict[str, float]] | str]:
+        """Log-probabilities of fixed answers after a pre-filled assistant turn, no generation: per
+        conversation (chat template with the generation prompt, then `assistant_prefix`), one
+        `{choice: log P(choice)}` dict per step; `then(row, step, logprobs)` may give a row a longer prefix
+        for another step on the KV cache. A failed batch's rows hold a `BackendError`. See
+        `alignpipe.synthesis.choice_logprobs` for the tokenization and multi-token answers."""
+        from alignpipe.data.chat import format_messages
+        from alignpipe.synthesis.choice_logprobs import choice_logprobs
+
+        texts = [format_messages(self.tokenizer, conv) for conv in conversations]
+        return choice_logprobs(self.model, self.tokenizer, texts, assistant_prefix, choices, then=then,
+                               batch_size=self.batch_size, precision=precision, description=description,
+                               error=BackendError)
 
 
 @dataclass
