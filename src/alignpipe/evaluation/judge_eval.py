@@ -17,7 +17,9 @@ Scores per pair: human-preferred response picked = 1, tie = 0.5, invalid = 0.5 (
 the predicted agreement at zero length difference between chosen and rejected. `longer_rate` is the share
 of decisive verdicts (on pairs of unequal length) that picked the longer response; `length_corr` the
 correlation of the verdict with the length difference. The `human` reference row shows how often the
-human labels themselves picked the longer response. `pairs_per_s` = N / wall time of the judge's calls.
+human labels themselves picked the longer response. `pairs_per_s` = N / wall time of the judge's calls; it
+is left out (`-`) when some items were answered from remembered judgments (`cached_items`: an ensemble
+member judged earlier in the run, or a `--cache` directory), since the time then is not the judge's.
 """
 
 from __future__ import annotations
@@ -88,11 +90,20 @@ def _pointwise_verdicts(judge: Any, pairs: list[LabelledPair]) -> dict[str, Any]
             "note": "pointwise: position consistency is 1 by construction; equal scores = tie"}
 
 
+def _cache_hits(judge: Any) -> int:
+    """Items answered from remembered judgments by `judge` or any judge inside it (ensemble members)."""
+    inner = [*getattr(judge, "members", []), getattr(judge, "arbiter", None), getattr(judge, "inner", None),
+             getattr(judge, "judge", None)]
+    return getattr(judge, "hits", 0) + sum(_cache_hits(j) for j in inner if j is not None and j is not judge)
+
+
 def evaluate_judge(pairs: list[LabelledPair], judge: Any) -> dict[str, Any]:
     """One row of judge-eval for one judge (see the module docstring for the definitions)."""
+    hits_before = _cache_hits(judge)
     start = time.perf_counter()
     res = _pairwise_verdicts(judge, pairs) if is_pairwise(judge) else _pointwise_verdicts(judge, pairs)
     seconds = time.perf_counter() - start
+    cached = _cache_hits(judge) - hits_before
     prefs = [0.5 if v is None else v for v in res["verdicts"]]
     len_c = [len(c.completion) for _, c, _ in pairs]
     len_r = [len(r.completion) for _, _, r in pairs]
@@ -109,7 +120,8 @@ def evaluate_judge(pairs: list[LabelledPair], judge: Any) -> dict[str, Any]:
         "pair_invalid_rate": sum(v is None for v in res["verdicts"]) / n if n else math.nan,
         "tie_rate": sum(v == 0.5 for v in res["verdicts"]) / n if n else math.nan,
         "longer_rate": bias["longer_rate"], "length_corr": bias["corr"], "n_decisive": bias["n_decisive"],
-        "seconds": seconds, "pairs_per_s": n / seconds if seconds > 0 else math.nan,
+        "seconds": seconds, "pairs_per_s": n / seconds if seconds > 0 and not cached else math.nan,
+        "cached_items": cached,
         "note": res["note"], "sample_reasons": res["reasons"],
     }
 
@@ -166,7 +178,8 @@ def json_safe(obj: Any) -> Any:
 
 
 def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None, limit: int | None = None,
-                       fmt: str = "auto", console: Any = None, llm_options: dict[str, Any] | None = None
+                       fmt: str = "auto", console: Any = None, llm_options: dict[str, Any] | None = None,
+                       cache_dir: str | None = None, test_split: tuple[float, int] | None = None,
                        ) -> list[dict[str, Any]]:
     """`alignpipe judge-eval --pairs FILE --judge NAME ... [--json OUT] [--limit N]`."""
     from rich.console import Console
@@ -182,9 +195,18 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
     if limit is not None and limit < 1:
         raise AlignpipeError(f"--limit must be at least 1, got {limit}")
     data = load_pairs(pairs, fmt=fmt, limit=limit)
-    judges = resolve_judges(judge, llm_options)
+    source = pairs
+    if test_split is not None:  # the pairs a reward model trained on the rest of the file has not seen
+        from alignpipe.evaluation.reward_model import split_pairs
+
+        fraction, seed = test_split
+        train, data = split_pairs(data, fraction, seed)
+        source = f"{pairs}, test split: {len(data)} of {len(train) + len(data)} (train fraction {fraction}, seed {seed})"
+        if not data:
+            raise AlignpipeError(f"--test-split {fraction} leaves no test pairs")
+    judges = resolve_judges(judge, llm_options, cache_dir)
     rows = evaluate_judges(data, judges, console=console)
-    console.print(render_table(rows, f"judge evaluation on {len(data)} human-labelled pairs ({pairs})"))
+    console.print(render_table(rows, f"judge evaluation on {len(data)} human-labelled pairs ({source})"))
     for row in rows:
         if row.get("sample_reasons"):
             console.print(f"[yellow]{escape(row['judge'])}[/]: invalid examples: "

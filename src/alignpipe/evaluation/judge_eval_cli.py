@@ -23,6 +23,12 @@ def judge_eval(
                                 "an answer, parse it) or 'logprobs' (one forward pass: probabilities of the "
                                 "allowed answers after the pre-filled verdict prefix; local models only)"),
     precision: str = typer.Option("fp32", "--precision", help="Logprob verdicts: 'fp32' or 'bf16' (autocast)"),
+    cache: str | None = typer.Option(None, "--cache", help="Directory of remembered judgments (one jsonl per "
+                                     "judge): items judged by an earlier run are not judged again"),
+    test_split: float | None = typer.Option(None, "--test-split", min=0.0, max=1.0,
+                                            help="Use only the test part of a seeded train/test split with this "
+                                            "train fraction (as scripts/train_reward_model.py splits)"),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the --test-split shuffle"),
 ) -> None:
     """Measure judges against human preference labels: agreement, position consistency, invalid rate,
     length bias, length-controlled agreement and throughput."""
@@ -37,4 +43,5 @@ def judge_eval(
     options: dict = {"brief": brief, "max_new_tokens": max_new_tokens or (48 if brief else 512)}
     if verdict != "generate" or precision != "fp32":
         options.update(verdict=verdict, precision=precision)
-    judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit, llm_options=options)
+    judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit, llm_options=options,
+                       cache_dir=cache, test_split=None if test_split is None else (test_split, split_seed))

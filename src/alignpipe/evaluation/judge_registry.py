@@ -55,9 +55,13 @@ def _optional(module: str, spec: str) -> Any:
 class JudgeRegistry:
     """Resolves judge specs; caches backends so that judges on one model share it."""
 
-    def __init__(self, llm_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, llm_options: dict[str, Any] | None = None, cache_dir: str | None = None) -> None:
+        from alignpipe.evaluation.judgment_cache import JudgmentStore
+
         self._backends: dict[str, Any] = {}
         self._judges: dict[str, Any] = {}  # a spec named twice (alone and in an ensemble) is one judge
+        # model-backed judges answer a repeated question from here (in memory; on disk with cache_dir)
+        self.store = JudgmentStore(cache_dir)
         # e.g. {"brief": True, "max_new_tokens": 16} or {"verdict": "logprobs", "precision": "bf16"}: every LLM judge
         self.llm_options = llm_options or {}
 
@@ -80,7 +84,12 @@ class JudgeRegistry:
     def resolve(self, spec: str) -> Any:
         spec = spec.strip()
         if spec not in self._judges:
-            self._judges[spec] = self._build(spec)
+            judge = self._build(spec)
+            if spec.partition(":")[0] in (*LLM_KINDS, "atomic", "reward-model"):
+                from alignpipe.evaluation.judgment_cache import CachedJudge
+
+                judge = CachedJudge(judge, self.store)
+            self._judges[spec] = judge
         return self._judges[spec]
 
     def _build(self, spec: str) -> Any:
@@ -138,6 +147,7 @@ def resolve_judge(spec: str) -> Any:
     return JudgeRegistry().resolve(spec)
 
 
-def resolve_judges(specs: list[str], llm_options: dict[str, Any] | None = None) -> list[Any]:
-    registry = JudgeRegistry(llm_options)
+def resolve_judges(specs: list[str], llm_options: dict[str, Any] | None = None,
+                   cache_dir: str | None = None) -> list[Any]:
+    registry = JudgeRegistry(llm_options, cache_dir)
     return [registry.resolve(s) for s in specs]

@@ -84,9 +84,6 @@ class _LLMJudge:
         self.reference = reference
         self.brief = brief or verdict == "logprobs"  # verdict line(s) only, no rationale: a few tokens instead of hundreds
         self.stats: Counter[str] = Counter()
-        # A question asked again (an ensemble member already judged alone) is answered from its first
-        # valid answer instead of being generated again.
-        self._memo: dict[str, _Outcome] = {}
 
     # -- pieces shared by the judges
 
@@ -103,15 +100,12 @@ class _LLMJudge:
     def _run(self, conversations: list[list[Message] | str], parse: Callable[[str], jp.Parsed]) -> list[_Outcome]:
         """Query, parse, retry the unparsed. A `str` in place of a conversation is a pre-failed item."""
         outcomes = [_Outcome() for _ in conversations]
-        pending, keys = [], [json.dumps(c) for c in conversations]
+        pending = []
         for i, conv in enumerate(conversations):
             if isinstance(conv, str):
                 outcomes[i].status, outcomes[i].reason = "error", conv
-            elif keys[i] in self._memo:
-                outcomes[i] = self._memo[keys[i]]
             else:
                 pending.append(i)
-        self.stats["cached"] += len(conversations) - len(pending)
         for attempt in range(self.parse_retries + 1):
             if not pending:
                 break
@@ -141,10 +135,8 @@ class _LLMJudge:
                     out.reason = f"unparseable judge answer: {parsed.reason}"
                     still.append(i)
             pending = still
-        for i, out in enumerate(outcomes):
+        for out in outcomes:
             self.stats[out.status] += 1
-            if out.status == "ok":
-                self._memo[keys[i]] = out
         return outcomes
 
     def _judgment(self, prompt: Prompt, candidate_ids: list[str], out: _Outcome, **kw) -> Judgment:
