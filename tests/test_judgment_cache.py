@@ -90,3 +90,20 @@ def test_judge_eval_test_split_selects_the_held_out_pairs(tmp_path):
     table = json.loads(out.read_text())
     assert [r["n"] for r in table] == [len(test), len(test)] == [4, 4]
     assert table[1]["agreement"] == 1.0  # the chosen answer is always the longer one
+
+
+def test_weighted_ensemble_is_fitted_on_the_train_part(tmp_path):
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: {'long answer ' * (i % 3 + 2)}",
+             "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"} for i in range(12)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out.json"
+    spec = "ensemble:weighted:longer+shorter"
+    result = CliRunner().invoke(app, ["judge-eval", "--pairs", str(path), "--judge", spec, "--test-split", "0.5",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fitting" in result.output
+    row = json.loads(out.read_text())[1]
+    assert row["n"] == 6 and row["agreement"] == 1.0  # the fitted weights favour the longer response
+    unfitted = CliRunner().invoke(app, ["judge-eval", "--pairs", str(path), "--judge", spec])
+    assert unfitted.exit_code != 0 and "--test-split" in str(unfitted.exception)

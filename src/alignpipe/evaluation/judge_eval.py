@@ -195,7 +195,7 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
     if limit is not None and limit < 1:
         raise AlignpipeError(f"--limit must be at least 1, got {limit}")
     data = load_pairs(pairs, fmt=fmt, limit=limit)
-    source = pairs
+    source, train = pairs, []
     if test_split is not None:  # the pairs a reward model trained on the rest of the file has not seen
         from alignpipe.evaluation.reward_model import split_pairs
 
@@ -205,6 +205,13 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
         if not data:
             raise AlignpipeError(f"--test-split {fraction} leaves no test pairs")
     judges = resolve_judges(judge, llm_options, cache_dir)
+    for j in judges:  # weighted ensembles learn their weights from the human labels of the train part
+        if callable(getattr(j, "fit", None)) and getattr(j, "weights", 0) is None:
+            if test_split is None:
+                raise AlignpipeError(f"judge {j.name} is fitted on human labels: give --test-split so that it is "
+                                     "fitted on the train part and measured on the rest")
+            console.print(f"fitting {j.name} on {len(train)} train pairs ...")
+            j.fit(train)
     rows = evaluate_judges(data, judges, console=console)
     console.print(render_table(rows, f"judge evaluation on {len(data)} human-labelled pairs ({source})"))
     for row in rows:

@@ -12,7 +12,7 @@ def judge_eval(
     judge: list[str] = typer.Option([], "--judge", help="Judge spec, repeatable (default: the embedded model "
                                     "as a pairwise judge, asked in both orders): longer, shorter, "
                                     "reward-model:DIR, pairwise|pointwise|rubric|additive[:MODEL], "
-                                    "both-orders:SPEC, ensemble:mean|median|vote|meta:SPEC+SPEC"),
+                                    "both-orders:SPEC, ensemble:mean|median|vote|meta|weighted:SPEC+SPEC"),
     json_out: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N pairs"),
     brief: bool = typer.Option(False, "--brief", help="LLM judges answer with the verdict line only, no "

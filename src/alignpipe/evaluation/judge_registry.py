@@ -13,6 +13,8 @@
     ensemble:median:SPEC+SPEC+...
     ensemble:vote:SPEC+SPEC+...             majority vote (ties abstain)
     ensemble:meta:SPEC+...+ARBITER          members' verdict when they agree, else the last SPEC decides
+    ensemble:weighted:SPEC+SPEC+...         logistic weights fitted on human labels (judge-eval: on the train part
+                                            of --test-split)
 
 BACKEND is a local model directory (default: the embedded SmolLM2-135M-Instruct) or an OpenAI-compatible
 server as `http://HOST:PORT/v1#MODEL` (the API key, if any, from $OPENAI_API_KEY). Backends named twice in
@@ -29,7 +31,7 @@ from alignpipe.records import Candidate, Judgment, Prompt
 
 LLM_KINDS = {"pairwise": "PairwiseLLMJudge", "pointwise": "PointwiseLLMJudge", "rubric": "RubricLLMJudge",
              "additive": "AdditiveLLMJudge"}
-ENSEMBLES = ("mean", "median", "vote", "meta")
+ENSEMBLES = ("mean", "median", "vote", "meta", "weighted")
 
 
 class LengthJudge:
@@ -140,6 +142,8 @@ class JudgeRegistry:
             return ens.MeanEnsemble(members, reduce=how)
         if how == "vote":
             return ens.VoteEnsemble(members)
+        if how == "weighted":  # fitted on human labels before use (judge-eval: on the --test-split train part)
+            return ens.WeightedEnsemble(members, name=f"weighted({'+'.join(m.name for m in members)})")
         return ens.MetaJudge(members[:-1], members[-1])
 
 
