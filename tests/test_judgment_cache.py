@@ -83,13 +83,16 @@ def test_judge_eval_test_split_selects_the_held_out_pairs(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out.json"
+    md = tmp_path / "out.md"
     result = CliRunner().invoke(app, ["judge-eval", "--pairs", str(path), "--judge", "longer", "--test-split", "0.6",
-                                      "--split-seed", "3", "--json", str(out)])
+                                      "--split-seed", "3", "--json", str(out), "--markdown", str(md)])
     assert result.exit_code == 0, result.output
     _, test = split_pairs(load_pairs(str(path)), 0.6, 3)
     table = json.loads(out.read_text())
     assert [r["n"] for r in table] == [len(test), len(test)] == [4, 4]
     assert table[1]["agreement"] == 1.0  # the chosen answer is always the longer one
+    text = md.read_text()
+    assert "test split: 4 of 10" in text and "| `longer` | pointwise | 4 | 100.0% |" in text
 
 
 def test_weighted_ensemble_is_fitted_on_the_train_part(tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -155,6 +156,16 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(v)
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table (the columns of the printed table)."""
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [_cell(row, key, fmt) for key, _, fmt in COLUMNS]
+        cells[0] = f"`{cells[0]}`"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render_table(rows: list[dict[str, Any]], title: str = "judge evaluation") -> Any:
     from rich.table import Table
 
@@ -180,7 +191,7 @@ def json_safe(obj: Any) -> Any:
 def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None, limit: int | None = None,
                        fmt: str = "auto", console: Any = None, llm_options: dict[str, Any] | None = None,
                        cache_dir: str | None = None, test_split: tuple[float, int] | None = None,
-                       ) -> list[dict[str, Any]]:
+                       markdown_out: str | None = None) -> list[dict[str, Any]]:
     """`alignpipe judge-eval --pairs FILE --judge NAME ... [--json OUT] [--limit N]`."""
     from rich.console import Console
 
@@ -221,4 +232,7 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
     if json_out:
         write_json(json_out, json_safe(rows))
         console.print(f"wrote {json_out}")
+    if markdown_out:
+        Path(markdown_out).write_text(f"Pairs: {source}\n\n" + markdown_table(rows))
+        console.print(f"wrote {markdown_out}")
     return rows

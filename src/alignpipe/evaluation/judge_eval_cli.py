@@ -14,6 +14,7 @@ def judge_eval(
                                     "reward-model:DIR, pairwise|pointwise|rubric|additive[:MODEL], "
                                     "both-orders:SPEC, ensemble:mean|median|vote|meta|weighted:SPEC+SPEC"),
     json_out: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
+    markdown_out: str | None = typer.Option(None, "--markdown", help="Also write the table as markdown to this file"),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N pairs"),
     brief: bool = typer.Option(False, "--brief", help="LLM judges answer with the verdict line only, no "
                                "rationale (a few tokens to generate instead of hundreds)"),
@@ -44,4 +45,5 @@ def judge_eval(
     if verdict != "generate" or precision != "fp32":
         options.update(verdict=verdict, precision=precision)
     judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit, llm_options=options,
-                       cache_dir=cache, test_split=None if test_split is None else (test_split, split_seed))
+                       cache_dir=cache, test_split=None if test_split is None else (test_split, split_seed),
+                       markdown_out=markdown_out)
