@@ -162,7 +162,7 @@ def test_registry_spec_on_tiny_model(tiny_model_path):
     from alignpipe.evaluation.judge_registry import resolve_judge
 
     torch.set_num_threads(1)
-    judge = resolve_judge(f"atomic:{tiny_model_path}")
+    judge = resolve_judge(f"atomic:{tiny_model_path}").judge  # the registry wraps it in a CachedJudge
     assert isinstance(judge, AtomicLLMJudge) and judge.name.startswith("llm_atomic:")
     judge.max_new_tokens, judge.parse_retries = 4, 0
     [j] = judge.score([item("One claim. Another claim.")])
