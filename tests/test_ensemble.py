@@ -192,3 +192,30 @@ def test_weighted_ensemble_with_given_weights_and_pairwise_members() -> None:
     assert out.preference == "tie" and out.scores["p_first"] == 0.5
     with pytest.raises(RuntimeError, match="call fit"):
         WeightedEnsemble([llm]).compare([(P, A, B)])
+
+
+def test_weighted_ensemble_gives_a_position_biased_member_no_weight() -> None:
+    """A pairwise member that always answers "first" agrees with every human label when chosen is shown
+    first; fitted on both orders it carries no information and must get (near) zero weight."""
+
+    class AlwaysFirst:
+        name = "always_first"
+
+        def compare(self, items: list) -> list[Judgment]:
+            return [Judgment(prompt_id=p.id, candidate_ids=[a.id, b.id], judge=self.name, preference="first")
+                    for p, a, b in items]
+
+    rng = np.random.default_rng(0)
+    pairs, table = [], {}
+    for i in range(400):
+        q1, q2 = rng.normal(size=2)
+        ids = (f"x{i}", f"y{i}") if rng.random() < sigmoid(q1 - q2) else (f"y{i}", f"x{i}")
+        table.update({f"x{i}": {"s": q1}, f"y{i}": {"s": q2}})
+        prompt = Prompt(id=f"p{i}", prompt="q")
+        pairs.append((prompt, *(Candidate(prompt_id=prompt.id, id=c, completion=c) for c in ids)))
+    ens = WeightedEnsemble([AlwaysFirst(), FixedScores("quality", table)], l2=1e-3)
+    ens.fit(pairs)
+    raw = ens.raw_weights
+    assert abs(raw["always_first"]) < 1e-6 and raw["quality"] > 0.5
+    p, a, b = pairs[0]
+    assert ens.compare([(p, a, b)])[0].preference != ens.compare([(p, b, a)])[0].preference

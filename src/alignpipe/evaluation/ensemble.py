@@ -288,12 +288,19 @@ class WeightedEnsemble:
         return X, rows
 
     def fit(self, pairs: list[Pair]) -> np.ndarray:
-        """Fit the weights on human-labelled `(prompt, chosen, rejected)`: chosen is the first candidate."""
-        X, _ = self.features(list(pairs))
+        """Fit the weights on human-labelled `(prompt, chosen, rejected)`: chosen is the first candidate.
+
+        Members are asked in both orders, (chosen, rejected) with label 1 and (rejected, chosen) with label
+        0. Mirroring the first order's features instead would assume every member is position-consistent:
+        a judge that always answers "A" would look perfectly accurate and get a large weight."""
+        pairs = list(pairs)
+        X_fwd, _ = self.features(pairs)
+        X_bwd, _ = self.features([(p, b, a) for p, a, b in pairs])
+        X = np.vstack([X_fwd, X_bwd])
         rms = np.sqrt((X**2).mean(0)) if len(X) else np.ones(X.shape[1])
         self.scale = np.where(rms > 0, rms, 1.0)
-        Z = X / self.scale  # both orders: (z, 1) and (-z, 0); equivalent without intercept, but well-posed
-        self.weights = fit_logistic(np.vstack([Z, -Z]), np.r_[np.ones(len(Z)), np.zeros(len(Z))], l2=self.l2)
+        y = np.r_[np.ones(len(X_fwd)), np.zeros(len(X_bwd))]
+        self.weights = fit_logistic(X / self.scale, y, l2=self.l2)
         return self.weights
 
     @property
