@@ -117,33 +117,16 @@ class PolicyCompleter:
 
     def continue_ids(self, texts: list[str], max_new_tokens: int, temperature: float) -> list[list[int] | str]:
         """New token ids (before EOS) per rendered text, or a `BackendError` for rows of a failed batch."""
-        import torch
+        from alignpipe.synthesis.backends import seeded_generation
 
-        from alignpipe.synthesis.transformers_backend import _eos_ids, generate_batch
-
-        was_training = self.model.training
-        self.model.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        seeds = torch.Generator().manual_seed(self.seed + self._calls)
+        was_training, calls = self.model.training, self._calls
         self._calls += 1
-        eos_ids = _eos_ids(self.model, self.tokenizer)
-        out: list[list[int] | str] = [BackendError("not generated")] * len(texts)
+        self.model.eval()
         try:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
-                try:
-                    results = generate_batch(self.model, self.tokenizer, [texts[i] for i in batch], max_new_tokens,
-                                             temperature, self.top_p, eos_ids)
-                except Exception as exc:  # noqa: BLE001 - a failed batch is recorded per row, never raised
-                    for i in batch:
-                        out[i] = BackendError(f"generation failed: {type(exc).__name__}: {exc}")
-                    continue
-                for i, (tokens, _ended) in zip(batch, results, strict=True):
-                    out[i] = tokens
+            return seeded_generation(self.model, self.tokenizer, texts, max_new_tokens, temperature, self.top_p,
+                                     self.batch_size, self.seed + calls)
         finally:
             self.model.train(was_training)
-        return out
 
     def continue_prefixes(self, requests: list[tuple[list[Message], str]], max_new_tokens: int,
                           temperature: float) -> list[str]:

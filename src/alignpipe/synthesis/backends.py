@@ -32,6 +32,34 @@ class BackendError(str):
     __slots__ = ()
 
 
+def seeded_generation(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float,  # noqa: ANN001
+                      top_p: float, batch_size: int, seed: int) -> list[list[int] | str]:
+    """New token ids (before EOS) per already-rendered text, in length-sorted batches, each batch's sampling
+    seeded from `seed`, so a call is reproducible; the rows of a batch that fails hold a `BackendError`."""
+    import torch
+
+    from alignpipe.synthesis.transformers_backend import _eos_ids, generate_batch
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    eos_ids = _eos_ids(model, tokenizer)
+    seeds = torch.Generator().manual_seed(seed)
+    out: list[list[int] | str] = [BackendError("not generated")] * len(texts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
+        try:
+            results = generate_batch(model, tokenizer, [texts[i] for i in batch], max_new_tokens, temperature,
+                                     top_p, eos_ids)
+        except Exception as exc:  # noqa: BLE001 - a failed batch is recorded per row, never raised
+            log.warning("generation failed for a batch of %d: %s: %s", len(batch), type(exc).__name__, exc)
+            for i in batch:
+                out[i] = BackendError(f"generation failed: {type(exc).__name__}: {exc}")
+            continue
+        for i, (tokens, _ended) in zip(batch, results, strict=True):
+            out[i] = tokens
+    return out
+
+
 def is_backend_error(text: str) -> bool:
     return isinstance(text, BackendError)
 
@@ -62,31 +90,13 @@ class TransformersBackend:
 
     def complete(self, conversations: list[list[Message]], max_new_tokens: int = 256,
                  temperature: float = 0.0) -> list[str]:
-        import torch
-
         from alignpipe.data.chat import format_messages
-        from alignpipe.synthesis.transformers_backend import _eos_ids, generate_batch
 
         texts = [format_messages(self.tokenizer, conv) for conv in conversations]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        eos_ids = _eos_ids(self.model, self.tokenizer)
-        seeds = torch.Generator().manual_seed(self.seed + self._calls)
+        ids = seeded_generation(self.model, self.tokenizer, texts, max_new_tokens, temperature, self.top_p,
+                                self.batch_size, self.seed + self._calls)
         self._calls += 1
-        out: list[str] = [BackendError("not generated")] * len(texts)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
-            try:
-                results = generate_batch(self.model, self.tokenizer, [texts[i] for i in batch], max_new_tokens,
-                                         temperature, self.top_p, eos_ids)
-            except Exception as exc:  # noqa: BLE001 - a failed batch is recorded per row, never raised
-                log.warning("generation failed for a batch of %d: %s: %s", len(batch), type(exc).__name__, exc)
-                for i in batch:
-                    out[i] = BackendError(f"generation failed: {type(exc).__name__}: {exc}")
-                continue
-            for i, (tokens, _ended) in zip(batch, results, strict=True):
-                out[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return out
+        return [t if is_backend_error(t) else self.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
 
     def choice_logprobs(self, conversations: list[list[Message]], assistant_prefix: str | list[str],
                         choices: list[str], *, then: Callable[[int, int, dict[str, float]], str | None] | None = None,
