@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from alignpipe.config import OptimizationConfig
 from alignpipe.optimization.batching import collate
 from alignpipe.optimization.instances import Instances, Row
-from alignpipe.optimization.logprobs import sequence_logps
+from alignpipe.optimization.logprobs import SequenceLogps, sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, combined_loss
 from alignpipe.optimization.providers import InputProvider, RoundContext, providers_for, validate_options
 from alignpipe.progress import progress
@@ -105,8 +105,11 @@ class _Apply(torch.nn.Module):
 
 
 @torch.no_grad()
-def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str) -> list[torch.Tensor]:  # noqa: ANN001
-    """Per row, the log-probs of its completion tokens (1-D), computed in length-sorted batches."""
+def completion_values(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
+                      per_position: Callable[[SequenceLogps], torch.Tensor] = lambda seq: seq.token_logps,
+                      ) -> list[torch.Tensor]:
+    """Per row, `per_position(seq)` ([B, L-1, ...]: the token log-probs by default) at its completion
+    positions, computed without gradient, dropout off, in length-sorted batches."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths pad little
@@ -120,11 +123,27 @@ def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfi
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
             with autocast(cfg, device):
                 seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
+            picked = per_position(seq)
             for j, i in enumerate(idx):
-                values[i] = seq.token_logps[j][seq.mask[j].bool()].cpu()
+                values[i] = picked[j][seq.mask[j].bool().to(picked.device)].cpu()
             bar.update(task, advance=len(idx))
     model.train(was_training)
     return [values[i] for i in range(len(rows))]
+
+
+def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str) -> list[torch.Tensor]:  # noqa: ANN001
+    """Per row, the log-probs of its completion tokens (1-D), computed in length-sorted batches."""
+    return completion_values(model, rows, pad_id, cfg, desc)
+
+
+def reference_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
+                    reference_model: PreTrainedModel | None = None) -> list[torch.Tensor]:
+    """`completion_logps` under the reference: the frozen copy when there is one (full fine-tuning against
+    the base), else the policy inside `reference_context` (adapters disabled, or the policy as it is)."""
+    if reference_model is not None:
+        return completion_logps(reference_model, rows, pad_id, cfg, desc)
+    with reference_context(model, cfg.reference):
+        return completion_logps(model, rows, pad_id, cfg, desc)
 
 
 def autocast(cfg: OptimizationConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -194,11 +213,7 @@ def optimize(
     if any(s.needs_reference for s in specs) and cfg.reference == "moving":
         moving = MovingReference(params, cfg.ref_sync_alpha, cfg.ref_sync_every, [n for n, _ in named])
     elif any(s.needs_reference for s in specs):
-        if reference_model is not None:
-            fixed["ref_token_logps"] = completion_logps(reference_model, flat, pad_id, cfg, "reference log-probs")
-        else:
-            with reference_context(model, cfg.reference):
-                fixed["ref_token_logps"] = completion_logps(model, flat, pad_id, cfg, "reference log-probs")
+        fixed["ref_token_logps"] = reference_logps(model, flat, pad_id, cfg, "reference log-probs", reference_model)
     if any(s.needs_old_policy for s in specs):
         fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs")
     ctx = RoundContext(model, tokenizer, instances, cfg, pad_id, accelerator.device, reference_model, moving)

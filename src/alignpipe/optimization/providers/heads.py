@@ -30,8 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from alignpipe.optimization.batching import collate
-from alignpipe.optimization.logprobs import SequenceLogps, sequence_logps
+from alignpipe.optimization.logprobs import SequenceLogps
 from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.objectives.rl import last_token_index
 from alignpipe.optimization.providers import InputProvider, RoundContext, register_provider
@@ -166,34 +165,17 @@ class _HeadProvider(InputProvider):
         return True
 
 
-@torch.no_grad()
 def rollout_values(ctx: RoundContext, heads: nn.ModuleDict) -> dict[str, list[torch.Tensor]]:
     """Per head, per row of `ctx.instances.flat_rows()`: the head's values at the row's completion positions
-    (1-D), under the policy as it is now (dropout off, the trainer's autocast and length-sorted batches,
-    as `trainer.completion_logps`)."""
-    from alignpipe.optimization.trainer import autocast  # the trainer imports this package: import late
+    (1-D), under the policy as it is now (one pass of `trainer.completion_values` for all heads)."""
+    from alignpipe.optimization.trainer import (
+        completion_values,  # the trainer imports this package: import late
+    )
 
-    rows, model, cfg = ctx.instances.flat_rows(), ctx.model, ctx.cfg
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out: dict[str, list[Any]] = {key: [None] * len(rows) for key in heads}
-    step = cfg.batch_size * 4
-    try:
-        for start in range(0, len(order), step):
-            idx = order[start : start + step]
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], ctx.pad_id).items()}
-            with autocast(cfg, device):
-                seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
-            mask = seq.mask.bool()
-            for key, head in heads.items():
-                values = apply_head(head, seq.hidden)
-                for j, i in enumerate(idx):
-                    out[key][i] = values[j][mask[j].to(values.device)].cpu()
-    finally:
-        model.train(was_training)
-    return out
+    keys = list(heads)
+    per_row = completion_values(ctx.model, ctx.instances.flat_rows(), ctx.pad_id, ctx.cfg, "old values",
+                                lambda seq: torch.stack([apply_head(heads[k], seq.hidden) for k in keys], -1))
+    return {k: [values[:, n] for values in per_row] for n, k in enumerate(keys)}
 
 
 @register_provider

@@ -32,7 +32,7 @@ class SelmSample(InputProvider):
     provides = {"pair": frozenset({"sampled_logps", "ref_sampled_logps"})}
 
     def prepare(self, ctx: RoundContext) -> None:
-        from alignpipe.optimization.trainer import completion_logps, reference_context  # trainer imports us
+        from alignpipe.optimization.trainer import reference_logps  # the trainer imports us: import late
 
         examples = ctx.instances.examples
         if any(e.sampled is None for e in examples):
@@ -46,11 +46,8 @@ class SelmSample(InputProvider):
                 raise AlignpipeError("sampled_logps: optimization.reference 'moving' needs the trainer's "
                                      "MovingReference (RoundContext.moving)")
             return  # per batch, under the shadow weights as they are then
-        if ctx.reference_model is not None:
-            ref = completion_logps(ctx.reference_model, self.rows, ctx.pad_id, ctx.cfg, "reference sample log-probs")
-        else:
-            with reference_context(ctx.model, ctx.cfg.reference):
-                ref = completion_logps(ctx.model, self.rows, ctx.pad_id, ctx.cfg, "reference sample log-probs")
+        ref = reference_logps(ctx.model, self.rows, ctx.pad_id, ctx.cfg, "reference sample log-probs",
+                              ctx.reference_model)
         self.ref_logps = torch.stack([values.sum() for values in ref]).float()
 
     def batch(self, ctx: RoundContext, indices: list[int], seq: SequenceLogps, placed: dict[str, torch.Tensor]

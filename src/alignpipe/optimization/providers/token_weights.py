@@ -95,7 +95,7 @@ class TokenWeights(InputProvider):
         self.values: list[torch.Tensor] = []  # per flat row: weights of its completion tokens (1-D)
 
     def _logps(self, ctx: RoundContext, path: str | None, role: str) -> list[torch.Tensor]:
-        from alignpipe.optimization.trainer import completion_logps, reference_context
+        from alignpipe.optimization.trainer import completion_logps, reference_logps
 
         rows = ctx.instances.flat_rows()
         desc = f"TIS-DPO {role} log-probs"
@@ -107,10 +107,7 @@ class TokenWeights(InputProvider):
                 del model
         if role == "positive":
             return completion_logps(ctx.model, rows, ctx.pad_id, ctx.cfg, desc)
-        if ctx.reference_model is not None:
-            return completion_logps(ctx.reference_model, rows, ctx.pad_id, ctx.cfg, desc)
-        with reference_context(ctx.model, ctx.cfg.reference):
-            return completion_logps(ctx.model, rows, ctx.pad_id, ctx.cfg, desc)
+        return reference_logps(ctx.model, rows, ctx.pad_id, ctx.cfg, desc, ctx.reference_model)
 
     def prepare(self, ctx: RoundContext) -> None:
         if ctx.instances.kind != "pair":
