@@ -74,14 +74,20 @@ def test_ensemble_member_judged_alone_is_not_asked_again():
     assert row["cached_items"] == 2 and row["pairs_per_s"] != row["pairs_per_s"]  # NaN: not the judge's time
 
 
+def _longer_is_chosen(tmp_path, n: int, base_reps: int):
+    """n hh-format pairs in a jsonl file whose chosen answer is always the longer one."""
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: {'long answer ' * (i % 3 + base_reps)}",
+             "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"} for i in range(n)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
 def test_judge_eval_test_split_selects_the_held_out_pairs(tmp_path):
     from alignpipe.data.pairs import load_pairs
     from alignpipe.evaluation.reward_model import split_pairs
 
-    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: {'long answer ' * (i % 3 + 1)}",
-             "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"} for i in range(10)]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
+    path = _longer_is_chosen(tmp_path, 10, 1)
     out = tmp_path / "out.json"
     md = tmp_path / "out.md"
     result = CliRunner().invoke(app, ["judge-eval", "--pairs", str(path), "--judge", "longer", "--test-split", "0.6",
@@ -96,10 +102,7 @@ def test_judge_eval_test_split_selects_the_held_out_pairs(tmp_path):
 
 
 def test_weighted_ensemble_is_fitted_on_the_train_part(tmp_path):
-    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: {'long answer ' * (i % 3 + 2)}",
-             "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"} for i in range(12)]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
+    path = _longer_is_chosen(tmp_path, 12, 2)
     out = tmp_path / "out.json"
     spec = "ensemble:weighted:longer+shorter"
     result = CliRunner().invoke(app, ["judge-eval", "--pairs", str(path), "--judge", spec, "--test-split", "0.5",
