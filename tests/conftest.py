@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,49 @@ def tok(tiny_model_path):
     from alignpipe.models import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
+
+
+# ---------------------------------------------------------------- llama.cpp server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama-cpp-python's OpenAI-compatible server on the embedded GGUF, started once per test session."""
+    from alignpipe.synthesis.backends import wait_until_ready
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')")
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python lacks its [server] extra")
+    from alignpipe import AlignpipeError
+    from alignpipe.models import embedded_gguf
+
+    try:
+        gguf = embedded_gguf()
+    except AlignpipeError as exc:
+        pytest.skip(f"embedded GGUF unavailable: {exc}")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+             "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smollm2-135m-instruct"],
+            stdout=fh, stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        try:
+            wait_until_ready(base_url, timeout=120)
+        except TimeoutError:
+            pytest.fail(f"llama.cpp server did not start: {log.read_text()[-2000:]}")
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

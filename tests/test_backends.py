@@ -7,15 +7,13 @@ import asyncio
 import json
 import logging
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from alignpipe.synthesis.backends import BackendError, OpenAIBackend, TransformersBackend, wait_until_ready
+from alignpipe.synthesis.backends import BackendError, OpenAIBackend, TransformersBackend
 
 KEY = "sk-test-do-not-log-1234"
 
@@ -207,47 +205,6 @@ def test_transformers_backend(tiny_model_path):
 
 
 # ---------------------------------------------------------------- llama.cpp server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')")
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python lacks its [server] extra")
-    from alignpipe import AlignpipeError
-    from alignpipe.models import embedded_gguf
-
-    try:
-        gguf = embedded_gguf()
-    except AlignpipeError as exc:
-        pytest.skip(f"embedded GGUF unavailable: {exc}")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-             "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smollm2-135m-instruct"],
-            stdout=fh, stderr=subprocess.STDOUT,
-        )
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        try:
-            wait_until_ready(base_url, timeout=120)
-        except TimeoutError:
-            pytest.fail(f"llama.cpp server did not start: {log.read_text()[-2000:]}")
-        yield base_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_judges_through_llama_cpp_server(llama_server):

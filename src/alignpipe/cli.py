@@ -100,6 +100,55 @@ def objectives(
     console.print(table)
 
 
+@app.command("train-reward-model")
+def train_reward_model(
+    pairs: str = typer.Option(..., "--pairs", help="Human-labelled pairs: jsonl/parquet, hh-rlhf or TRL "
+                              "prompt/chosen/rejected format"),
+    output: str = typer.Option(..., "--output", help="Directory to write the reward model to (load it with the "
+                               "judge spec reward-model:DIR)"),
+    backbone: str | None = typer.Option(None, "--backbone", help="Local HF model directory (default: the "
+                                        "embedded model)"),
+    method: str = typer.Option("head", "--method", help="'head' (frozen backbone, linear Bradley-Terry head) or "
+                               "'lora' (LoRA on the backbone and the head, trained jointly; merged when saved)"),
+    train_fraction: float = typer.Option(0.6, "--train-fraction", help="Share of the seeded shuffle used for "
+                                         "training; the rest is the test set"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split shuffle and of training"),
+    max_length: int = typer.Option(128, "--max-length", min=8, help="Tokens per sequence (truncated on the left)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences (head) or pairs (lora) per batch"),
+    layers: str = typer.Option("all", "--layers", help="Decoder layers kept: 'all', N, or N,M,... (head: "
+                               "candidates chosen on an inner holdout of the training pairs)"),
+    l2: float | None = typer.Option(None, "--l2", help="Head L2 penalty (default: chosen on an inner holdout)"),
+    center: float = typer.Option(0.0, "--center", help="Reward-centering coefficient"),
+    epochs: int = typer.Option(2, "--epochs", min=1, help="LoRA: passes over the training pairs"),
+    lr: float = typer.Option(1e-4, "--lr", help="LoRA: learning rate of the adapter (the head's is 10x)"),
+    lora_r: int = typer.Option(8, "--lora-r", min=1, help="LoRA rank (alpha = 2 r)"),
+    limit: int | None = typer.Option(None, "--limit", help="Use only the first N pairs of the file"),
+    fmt: str = typer.Option("auto", "--format", help="Pairs format: auto, hh or trl"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Head: do not keep features under ~/.cache/alignpipe"),
+) -> None:
+    """Train a Bradley-Terry reward model on preference pairs; the output directory is a judge
+    (reward-model:DIR)."""
+    from alignpipe.evaluation.reward_training import train_reward_model_command
+    from alignpipe.models import cache_dir
+
+    m = train_reward_model_command(
+        pairs, output, backbone=backbone, method=method, train_fraction=train_fraction, seed=seed,
+        max_length=max_length, batch_size=batch_size, layers=layers, l2=l2, center_coef=center, limit=limit,
+        fmt=fmt, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=2 * lora_r,
+        feature_cache=None if no_cache else cache_dir() / "rm-features", threads=threads,
+    )
+    table = Table(title=f"reward model: {m['method']}, {m['layers']} layers")
+    for col in ("split", "pairs", "accuracy", "BT loss"):
+        table.add_column(col)
+    for side in ("train", "test"):
+        if m.get(f"{side}_pairs"):
+            table.add_row(side, str(m[f"{side}_pairs"]), f"{m[f'{side}_accuracy']:.1%}", f"{m[f'{side}_loss']:.4f}")
+    console.print(table)
+    console.print(f"{m['total_seconds']:.0f} s; model, metrics.json and split.json in {m['output']} "
+                  f"(judge: reward-model:{m['output']})")
+
+
 from alignpipe.evaluation.judge_eval_cli import judge_eval  # noqa: E402
 
 app.command("judge-eval", help="Measure judges against human-labelled pairs.")(judge_eval)

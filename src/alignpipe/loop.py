@@ -22,8 +22,10 @@ from alignpipe.config import Recipe
 from alignpipe.data import load_task
 from alignpipe.data.chat import format_messages, format_prompt
 from alignpipe.diagnostics.heldout import pair_preference, paired_difference
+from alignpipe.diagnostics.winrate import heldout_winrate
 from alignpipe.evaluation import judge_candidates
 from alignpipe.instantiation import build_examples, score_of
+from alignpipe.judging import LoopJudges, ensure_reward_models, judge_stats
 from alignpipe.models import (
     attach_adapter,
     load_checkpoint,
@@ -34,6 +36,7 @@ from alignpipe.models import (
 )
 from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.trainer import optimize, round_providers
+from alignpipe.precision import describe as describe_precision
 from alignpipe.records import (
     Candidate,
     Judgment,
@@ -46,29 +49,41 @@ from alignpipe.synthesis.offline import offline_candidates
 from alignpipe.synthesis.transformers_backend import generate
 
 
-def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], list]) -> list:
-    """Read `path` if it was written with this fingerprint; otherwise compute, write atomically, record."""
+def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], list],
+                 redo: Callable[[list], bool] | None = None) -> list:
+    """Read `path` if it was written with this fingerprint (and `redo` of its records is not true); otherwise
+    compute, write atomically, record."""
     stamp = path.with_name(path.name + ".fingerprint")
     if path.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
-        return read_records(path, cls)
+        records = read_records(path, cls)
+        if redo is None or not redo(records):
+            return records
     records = compute()
     write_records(path, records, cls)
     stamp.write_text(fingerprint)
     return records
 
 
-def heldout_accuracy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path: Path, fingerprint: str,  # noqa: ANN001
-                     label: str) -> dict[str, Any]:
-    """Greedy accuracy on the held-out prompts; per-problem results are kept for paired statistics."""
+def heldout_greedy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path: Path, fingerprint: str,  # noqa: ANN001
+                   label: str) -> list[Candidate]:
+    """The policy's greedy answers to the held-out prompts, cached beside the run."""
     h = recipe.heldout
-    candidates = cached_stage(
+    return cached_stage(
         path / f"eval-{label}-candidates.parquet", fingerprint, Candidate,
         lambda: generate(model, tokenizer, prompts, 1, 0.0, 1.0, h.max_new_tokens, h.batch_size,
                          recipe.seed, {"eval": label}, f"held-out eval ({label})"),
     )
-    judgments = judge_candidates(recipe.evaluation.judge, prompts, candidates)
-    correct = [score_of(j) for j in judgments]
-    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct}
+
+
+def heldout_accuracy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path: Path, fingerprint: str,  # noqa: ANN001
+                     label: str, judge: Any) -> dict[str, Any]:
+    """Greedy accuracy on the held-out prompts (a judgment that is not ok counts as wrong); per-problem
+    results are kept for paired statistics."""
+    candidates = heldout_greedy(model, tokenizer, prompts, recipe, path, fingerprint, label)
+    judgments = judge_candidates(judge, prompts, candidates)
+    correct = [score_of(j) if j.status == "ok" else 0.0 for j in judgments]
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct,
+            "candidates": candidates}
 
 
 @dataclass
@@ -83,6 +98,15 @@ class _Session:
     reference_model: Any
     console: Console
     providers: list = field(default_factory=list)  # input providers (heads) kept across rounds
+    judges: LoopJudges | None = None
+
+    @property
+    def chat_task(self) -> bool:
+        """No gold answer to check: the held-out metric is a judged win rate against the round-0 policy."""
+        task = self.recipe.task
+        return self.recipe.heldout.judge is not None or (
+            self.recipe.synthesis.backend != "offline" and task.kind in ("preferences", "file")
+            and self.recipe.evaluation.judge not in ("math_verifier", "code_verifier", "rule_verifier"))
 
     def chat(self, prompt: Prompt) -> str:
         """The prompt through the chat template; multi-turn prompts keep their turns."""
@@ -91,9 +115,20 @@ class _Session:
         return format_prompt(self.tokenizer, prompt.prompt)
 
     def heldout(self, prompts: list[Prompt], fingerprint: str, label: str) -> dict[str, Any]:
+        if self.chat_task:  # answers kept for the win rate; preference tasks also score the human pairs
+            answers = heldout_greedy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir, fingerprint,
+                                     label)
+            out = {"accuracy": float("nan"), "n": len(prompts), "correct": [], "candidates": answers}
+            if self.recipe.task.kind == "preferences":
+                out.update(pair_preference(self.model, self.tokenizer, prompts, self.chat,
+                                           self.recipe.optimization.max_length))
+                out["candidates"] = answers
+            return out
         if self.recipe.task.kind == "preferences":
             return pair_preference(self.model, self.tokenizer, prompts, self.chat, self.recipe.optimization.max_length)
-        return heldout_accuracy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir, fingerprint, label)
+        judge = self.judges.registry.resolve(self.recipe.evaluation.judge)
+        return heldout_accuracy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir, fingerprint, label,
+                                judge)
 
     def sample(self, prompts: list[Prompt], r: int) -> list[Candidate]:
         syn = self.recipe.synthesis
@@ -111,9 +146,16 @@ class _Session:
             replace(c, id=f"{c.prompt_id}/greedy") for c in generate(
                 self.model, self.tokenizer, prompts, 1, 0.0, 1.0, syn.max_new_tokens, syn.batch_size, recipe.seed + r,
                 {"model": str(self.model_path), "round": r, "greedy": True}, f"round {r}: greedy baseline")])
+        judge = self.judges.registry.resolve(recipe.evaluation.judge)
         judgments = cached_stage(rd / "baseline-judgments.parquet", fingerprint, Judgment,
-                                 lambda: judge_candidates(recipe.evaluation.judge, prompts, greedy))
-        return {j.prompt_id: score_of(j, recipe.instantiation.score) for j in judgments}
+                                 lambda: self.judge(judge, prompts, greedy, r))
+        return {j.prompt_id: score_of(j, recipe.instantiation.score) for j in judgments if len(j.candidate_ids) == 1
+                and j.status == "ok"}
+
+    def judge(self, judge: Any, prompts: list[Prompt], candidates: list[Candidate], r: int) -> list[Judgment]:
+        ev = self.recipe.evaluation
+        return judge_candidates(judge, prompts, candidates, max_comparisons=ev.max_comparisons,
+                                aggregate=ev.aggregate, both_orders=ev.both_orders, seed=self.recipe.seed + r)
 
 
 def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> dict[str, Any]:
@@ -121,8 +163,10 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     recipe, rd = s.recipe, s.run_dir / f"round-{r:02d}"
     write_records(rd / "prompts.parquet", prompts, Prompt)
     candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: s.sample(prompts, r))
+    judge = s.judges.for_round(rd)
     judgments = cached_stage(rd / "judgments.parquet", fingerprint, Judgment,
-                             lambda: judge_candidates(recipe.evaluation.judge, prompts, candidates))
+                             lambda: s.judge(judge, prompts, candidates, r), redo=lambda js: any(
+                                 j.status != "ok" for j in js))  # a rerun asks again what failed (the rest is cached)
     reads_baseline = any("baseline_rewards" in OBJECTIVES[t.name].inputs for t in recipe.optimization.objectives)
     baselines = s.greedy_baselines(prompts, r, rd, fingerprint) if reads_baseline else None
     examples, stats, cls = build_examples(recipe.instantiation, prompts, candidates, judgments, s.chat,
@@ -134,10 +178,11 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     for provider in s.providers:
         provider.save(rd / "checkpoint")
     (rd / "checkpoint.fingerprint").write_text(fingerprint)
-    scores = [score_of(j, recipe.instantiation.score) for j in judgments]
+    scores = [score_of(j, recipe.instantiation.score) for j in judgments if len(j.candidate_ids) == 1
+              and j.status == "ok"]
     metrics = {
         "round": r, "prompts": len(prompts), "candidates": len(candidates),
-        "sample_reward": sum(scores) / max(len(scores), 1),
+        "sample_reward": sum(scores) / max(len(scores), 1), "judge": judge_stats(judgments),
         "mean_tokens": sum(c.num_tokens or 0 for c in candidates) / max(len(candidates), 1),
         "judgments_not_ok": stats.judgments_not_ok, "examples": stats.examples,
         "skipped_uniform": stats.skipped_uniform, "skipped_margin": stats.skipped_margin,
@@ -186,7 +231,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     if len(pool) < recipe.rounds * per_round:
         console.print(f"[yellow]note: {len(pool)} training prompts for {recipe.rounds * per_round} slots: prompts repeat")
     console.print(f"[bold]{recipe.name}[/]: model {model_path}, {len(pool)} training prompts, "
-                  f"{len(data.heldout)} held-out, {recipe.rounds} round(s)")
+                  f"{len(data.heldout)} held-out, {recipe.rounds} round(s), "
+                  f"{describe_precision(recipe.optimization.precision, 'cuda' if torch.cuda.is_available() else 'cpu')}")
 
     model = load_policy(model_path)
     opt = recipe.optimization
@@ -198,8 +244,11 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     # load their saved state (heads) from the last finished round; the trainer reuses these instances
     providers = round_providers([OBJECTIVES[t.name] for t in opt.objectives], recipe.instantiation.kind, opt, [])
     session = _Session(recipe, run_dir, model, tokenizer, model_path, reference_model, console, providers)
+    ensure_reward_models(recipe.evaluation, console, recipe.seed)
+    session.judges = LoopJudges(recipe, lambda: session.model, tokenizer, model_path, reference_model)
     before = session.heldout(data.heldout, eval_fp, "before")
-    console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
+    if not session.chat_task:
+        console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
     session.model = attach_adapter(model, opt.adapter)
 
     rounds = []
@@ -216,12 +265,19 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     after = session.heldout(data.heldout, f"{base_fp}:{recipe.rounds}:{eval_fp}", "after")
     final = run_dir / "final_model"
     save_checkpoint(session.model, tokenizer, final)
+    if session.chat_task:
+        judge = session.judges.heldout_judge(run_dir)
+        winrate = heldout_winrate(judge, data.heldout, before["candidates"], after["candidates"])
+        write_json(run_dir / "heldout-winrate.json", winrate)
+        console.print(f"held-out win rate of the final policy against round 0 ({judge.name}): "
+                      f"{winrate['win_rate']:.1%} [{winrate['ci95_low']:.1%}, {winrate['ci95_high']:.1%}] (n={winrate['n']})")
     summary = {
         "name": recipe.name,
         "heldout_metric": before.get("metric", "greedy_accuracy"),
         "before": {k: before[k] for k in ("accuracy", "n")},
         "after": {k: after[k] for k in ("accuracy", "n")},
-        **paired_difference(before["correct"], after["correct"]),
+        **(paired_difference(before["correct"], after["correct"]) if before["correct"] else {}),
+        **({"heldout_winrate": {k: v for k, v in winrate.items() if k != "outcomes"}} if session.chat_task else {}),
         "rounds": rounds,
         "final_model": str(final.resolve()),
         "base_model": str(Path(model_path).resolve()),

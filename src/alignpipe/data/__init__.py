@@ -1,4 +1,4 @@
-"""Prompt sources: built-in tasks (arithmetic, GSM8K) and prompt files. Each yields `Prompt` records
+"""Prompt sources: built-in tasks (arithmetic, GSM8K, HumanEval) and prompt files. Each yields `Prompt` records
 split into a training pool and a held-out set that never overlap."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ class TaskData:
 
 
 def load_task(task, heldout_n: int) -> TaskData:  # noqa: ANN001 - a config.Task union
-    from alignpipe.data import arithmetic, files, gsm8k, preferences
+    from alignpipe.data import arithmetic, files, gsm8k, humaneval, preferences
 
     loaders = {"arithmetic": arithmetic.load, "gsm8k": gsm8k.load, "file": files.load,
-               "preferences": preferences.load}
+               "preferences": preferences.load, "humaneval": humaneval.load}
     return loaders[task.kind](task, heldout_n)

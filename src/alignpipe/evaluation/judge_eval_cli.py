@@ -23,12 +23,12 @@ def judge_eval(
     verdict: str = typer.Option("generate", "--verdict", help="How LLM judges give verdicts: 'generate' (write "
                                 "an answer, parse it) or 'logprobs' (one forward pass: probabilities of the "
                                 "allowed answers after the pre-filled verdict prefix; local models only)"),
-    precision: str = typer.Option("fp32", "--precision", help="Logprob verdicts: 'fp32' or 'bf16' (autocast)"),
+    precision: str = typer.Option("auto", "--precision", help="Logprob verdicts: 'auto' (bf16 only where the CPU/GPU has it natively), 'fp32' or 'bf16'"),
     cache: str | None = typer.Option(None, "--cache", help="Directory of remembered judgments (one jsonl per "
                                      "judge): items judged by an earlier run are not judged again"),
     test_split: float | None = typer.Option(None, "--test-split", min=0.0, max=1.0,
                                             help="Use only the test part of a seeded train/test split with this "
-                                            "train fraction (as scripts/train_reward_model.py splits)"),
+                                            "train fraction (as `alignpipe train-reward-model` splits)"),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the --test-split shuffle"),
 ) -> None:
     """Measure judges against human preference labels: agreement, position consistency, invalid rate,
@@ -42,7 +42,7 @@ def judge_eval(
     if precision not in PRECISIONS:
         raise AlignpipeError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     options: dict = {"brief": brief, "max_new_tokens": max_new_tokens or (48 if brief else 512)}
-    if verdict != "generate" or precision != "fp32":
+    if verdict != "generate" or precision != "auto":
         options.update(verdict=verdict, precision=precision)
     judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit, llm_options=options,
                        cache_dir=cache, test_split=None if test_split is None else (test_split, split_seed),

@@ -23,7 +23,7 @@ The prompts and the strict verdict parsers are in `judge_prompts.py`.
 Verdict modes: `verdict="generate"` (default) generates an answer and parses it, as above;
 `verdict="logprobs"` asks the brief question, pre-fills the verdict line's prefix and reads the
 distribution over the allowed answers in one forward pass (`logprob_verdicts.py`; needs a backend with
-`choice_logprobs`, i.e. `TransformersBackend`; `precision="bf16"` runs it under bf16 autocast). Its judges
+`choice_logprobs`, i.e. `TransformersBackend`; `precision="auto"` runs it under bf16 autocast where the device has native bf16, else in fp32). Its judges
 are named `<kind>[logprobs]:<backend>` so that both modes can be compared side by side.
 """
 
@@ -61,7 +61,7 @@ class _LLMJudge:
     def __init__(self, backend: TextBackend, *, name: str | None = None, max_new_tokens: int = 512,
                  temperature: float = 0.0, retry_temperature: float = 0.7, parse_retries: int = 2,
                  reference: str = "never", brief: bool = False, verdict: str = "generate",
-                 precision: str = "fp32"):
+                 precision: str = "auto"):
         if parse_retries < 0:
             raise ValueError("parse_retries must be >= 0")
         if reference not in REFERENCE_MODES:
@@ -74,7 +74,7 @@ class _LLMJudge:
             raise ValueError(f"{self.kind} has no verdict='logprobs' mode")
         self.backend = backend
         self.verdict = verdict
-        self.precision = precision  # for verdict="logprobs": "fp32" or "bf16" (autocast)
+        self.precision = precision  # for verdict="logprobs": "auto" (bf16 where native), "fp32" or "bf16" (autocast)
         mode = "[logprobs]" if verdict == "logprobs" else ""
         self.name = name or f"{self.kind}{mode}:{backend.name}"
         self.max_new_tokens = max_new_tokens

@@ -29,11 +29,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from alignpipe.precision import PRECISIONS  # noqa: F401 - judge options name these
 from alignpipe.records import Candidate, Judgment, Prompt
 from alignpipe.synthesis.backends import is_backend_error
 
 VERDICTS = ("generate", "logprobs")
-PRECISIONS = ("fp32", "bf16")  # as alignpipe.synthesis.choice_logprobs.PRECISIONS (which imports torch)
 PAIRWISE = {" A": "first", " B": "second", " tie": "tie"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ class BuildStats:
     examples: int = 0
     skipped_uniform: int = 0  # every candidate of the prompt scored the same: no signal
     skipped_margin: int = 0
-    judgments_not_ok: int = 0
+    # candidates left out because their judgment was not `ok` (or missing), by status: a judge failure is
+    # never a training signal (it would otherwise score 0 and become the rejected response)
+    judgments_not_ok: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -47,16 +50,23 @@ def _check_dim(judgments: list[Judgment], dim: str | None) -> None:
 
 
 def _grouped(prompts: list[Prompt], candidates: list[Candidate], judgments: list[Judgment], dim: str | None = None):
-    """Per prompt, its candidates as (candidate, scalar score, every score dimension)."""
+    """Per prompt, its candidates with an `ok` judgment as (candidate, scalar score, every score dimension);
+    and the candidates left out, counted by the status of their judgment (`missing` when none).
+
+    Only single-candidate judgments score a candidate; pairwise verdicts (two candidate ids) are raw material
+    that `evaluation.pairwise_groups` has already turned into per-candidate judgments."""
     _check_dim(judgments, dim)
     by_candidate = {j.candidate_ids[0]: j for j in judgments if len(j.candidate_ids) == 1}
     groups: dict[str, list[tuple[Candidate, float, dict[str, float]]]] = defaultdict(list)
+    not_ok: dict[str, int] = defaultdict(int)
     for c in candidates:
         j = by_candidate.get(c.id)
+        if j is None or j.status != "ok":
+            not_ok["missing" if j is None else j.status] += 1
+            continue
         groups[c.prompt_id].append((c, score_of(j, dim), dims_of(j)))
     prompt_by_id = {p.id: p for p in prompts}
-    not_ok = sum(j.status != "ok" for j in judgments)
-    return [(prompt_by_id[pid], group) for pid, group in groups.items()], not_ok
+    return [(prompt_by_id[pid], group) for pid, group in groups.items()], dict(not_ok)
 
 
 def best_vs_worst_pairs(
@@ -82,7 +92,7 @@ def best_vs_worst_pairs(
     for prompt, group in grouped:
         scores = [s for _, s, _ in group]
         hi, lo = max(scores), min(scores)
-        if hi == lo:
+        if hi == lo:  # also a prompt left with one judged candidate
             stats.skipped_uniform += 1
             continue
         if hi - lo < min_margin:
@@ -98,6 +108,34 @@ def best_vs_worst_pairs(
                                  chosen_dims=chosen_dims, rejected_dims=rejected_dims,
                                  sampled=sampled.completion if sampled else None,
                                  sampled_truncated=sampled.truncated if sampled else False))
+    stats.examples = len(pairs)
+    return pairs, stats
+
+
+def reward_gap_pairs(
+    prompts: list[Prompt], candidates: list[Candidate], judgments: list[Judgment], chat_prompt,  # noqa: ANN001
+    eta: float = 0.85, tau: float = 1.0, dim: str | None = None,
+) -> tuple[list[PairExample], BuildStats]:
+    """RS-DPO's pairs (arXiv 2402.10038, Algorithm 1): per prompt, every ordered pair of candidates (y_j, y_l)
+    with sigmoid((r_j - r_l) / tau) > eta becomes (chosen y_j, rejected y_l), margin r_j - r_l. With the
+    defaults eta = 0.85, tau = 1 a pair needs a reward gap above logit(0.85) = 1.73. Prompts that yield no
+    pair are counted in `skipped_margin` (or `skipped_uniform` when every score ties)."""
+    threshold = tau * math.log(eta / (1.0 - eta))  # sigmoid(d / tau) > eta  <=>  d > tau * logit(eta)
+    grouped, not_ok = _grouped(prompts, candidates, judgments, dim)
+    stats = BuildStats(prompts=len(grouped), judgments_not_ok=not_ok)
+    pairs = []
+    for prompt, group in grouped:
+        scores = [s for _, s, _ in group]
+        if max(scores) == min(scores):
+            stats.skipped_uniform += 1
+            continue
+        found = [(w, lo) for w in group for lo in group if w[1] - lo[1] > threshold]
+        if not found:
+            stats.skipped_margin += 1
+        for (cw, sw, dw), (cl, sl, dl) in found:
+            pairs.append(PairExample(prompt=chat_prompt(prompt), chosen=cw.completion, rejected=cl.completion,
+                                     margin=sw - sl, prompt_id=prompt.id, chosen_truncated=cw.truncated,
+                                     rejected_truncated=cl.truncated, chosen_dims=dw, rejected_dims=dl))
     stats.examples = len(pairs)
     return pairs, stats
 
@@ -148,6 +186,10 @@ def build_examples(cfg, prompts: list[Prompt], candidates: list[Candidate], judg
                    baselines: dict[str, float] | None = None) -> tuple[list, BuildStats, type]:
     """Dispatch on `cfg.kind` (config.InstantiationConfig): the examples, their counts, their record type.
     `cfg.score` names the judgment dimension that is the reward (None: the mean of all of them)."""
+    if cfg.kind == "pair" and cfg.pairs == "reward_gap":
+        examples, stats = reward_gap_pairs(prompts, candidates, judgments, chat_prompt, cfg.gap_eta, cfg.gap_tau,
+                                           cfg.score)
+        return examples, stats, PairExample
     if cfg.kind == "pair":
         examples, stats = best_vs_worst_pairs(prompts, candidates, judgments, chat_prompt, cfg.min_margin, seed,
                                               cfg.score)

@@ -27,6 +27,7 @@ from alignpipe.optimization.instances import Instances, Row
 from alignpipe.optimization.logprobs import SequenceLogps, sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, combined_loss
 from alignpipe.optimization.providers import InputProvider, RoundContext, providers_for, validate_options
+from alignpipe.precision import resolve_precision
 from alignpipe.progress import progress
 
 T = TypeVar("T")
@@ -147,9 +148,11 @@ def reference_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig
 
 
 def autocast(cfg: OptimizationConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the model's matmuls when `precision: bf16` (2-4x faster on CPUs with AVX512-BF16
-    or AMX); log-softmax and losses stay in fp32 (logprobs.py casts the logits)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    """bf16 autocast for the model's matmuls when the precision resolves to bf16 (`auto`: only where the
+    device computes bf16 natively, see `alignpipe.precision`); log-softmax and losses stay in fp32
+    (logprobs.py casts the logits)."""
+    enabled = resolve_precision(cfg.precision, device.type) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _place(per_row: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ slot as a judgment with `status="error"`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -100,7 +102,7 @@ class TransformersBackend:
 
     def choice_logprobs(self, conversations: list[list[Message]], assistant_prefix: str | list[str],
                         choices: list[str], *, then: Callable[[int, int, dict[str, float]], str | None] | None = None,
-                        precision: str = "fp32", description: str = "scoring choices"
+                        precision: str = "auto", description: str = "scoring choices"
                         ) -> list[list[dict[str, float]] | str]:
         """Log-probabilities of fixed answers after a pre-filled assistant turn, no generation: per
         conversation (chat template with the generation prompt, then `assistant_prefix`), one
@@ -114,6 +116,31 @@ class TransformersBackend:
         return choice_logprobs(self.model, self.tokenizer, texts, assistant_prefix, choices, then=then,
                                batch_size=self.batch_size, precision=precision, description=description,
                                error=BackendError)
+
+
+class LiveModelBackend(TransformersBackend):
+    """A model already in memory as a backend: the policy being trained (self-rewarding judges) or, inside
+    `context`, its frozen base (adapters disabled). `get_model` is asked at every call, so the backend always
+    serves the policy as it is now; nothing is loaded or copied."""
+
+    def __init__(self, get_model: Callable[[], Any], tokenizer: Any, name: str, *, batch_size: int = 16,
+                 seed: int = 0, context: Callable[[], contextlib.AbstractContextManager] | None = None):
+        self._get_model, self.tokenizer, self.name = get_model, tokenizer, name
+        self.batch_size, self.top_p, self.seed, self._calls = batch_size, 1.0, seed, 0
+        self._context = context or contextlib.nullcontext
+
+    @property
+    def model(self) -> Any:  # read by TransformersBackend's methods
+        return self._get_model()
+
+    def complete(self, conversations: list[list[Message]], max_new_tokens: int = 256,
+                 temperature: float = 0.0) -> list[str]:
+        with self._context():
+            return super().complete(conversations, max_new_tokens, temperature)
+
+    def choice_logprobs(self, conversations, assistant_prefix, choices, **kw):  # noqa: ANN001, ANN003, ANN201
+        with self._context():
+            return super().choice_logprobs(conversations, assistant_prefix, choices, **kw)
 
 
 @dataclass

@@ -22,7 +22,7 @@ on the KV cache, so a multi-criterion verdict costs about one prompt forward. To
 the new prefix does not keep are hidden by the attention mask; positions follow the visible tokens.
 
 Batches are sorted by length and left-padded; later steps are right-padded with explicit masks and
-positions; only the needed positions get logits. fp32 by default; `precision="bf16"` runs under bf16
+positions; only the needed positions get logits. `precision="auto"` (default) is bf16 where the device has it natively, else fp32; bf16 runs under bf16
 autocast (log-softmax in fp32). A batch that fails yields `BackendError`s for its rows only.
 """
 
@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
+from alignpipe.precision import PRECISIONS, resolve_precision
 from alignpipe.progress import progress
 
 log = logging.getLogger(__name__)
 
 # then(row, step, logprobs of this step) -> the row's next full assistant prefix, or None to stop the row
 ThenFn = Callable[[int, int, dict[str, float]], str | None]
-PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_choices(tokenizer: Any, prefix: str, choices: Sequence[str]) -> tuple[list[int], list[tuple[int, ...]]]:
@@ -167,7 +167,7 @@ def _read_step(rows: _Rows, last: torch.Tensor, plans: list[tuple[list[int], lis
 @torch.no_grad()
 def choice_logprobs(model: Any, tokenizer: Any, texts: list[str], prefix: str | Sequence[str],
                     choices: Sequence[str], *, then: ThenFn | None = None, batch_size: int = 16,
-                    precision: str = "fp32", description: str = "scoring choices",
+                    precision: str = "auto", description: str = "scoring choices",
                     error: Callable[[str], str] = str) -> list[list[dict[str, float]] | str]:
     """Per text, one `{choice: log P}` dict per step (see the module docstring); `error(reason)` builds
     the slot of a row whose batch failed. `prefix` is one string or one per text."""
@@ -187,6 +187,7 @@ def choice_logprobs(model: Any, tokenizer: Any, texts: list[str], prefix: str | 
     order = sorted(range(len(texts)), key=lambda i: len(heads[i]) + len(prefixes[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device_type = next(model.parameters()).device.type
+    precision = resolve_precision(precision, device_type)
     was_training = model.training
     model.eval()
     out: list[list[dict[str, float]] | str] = [error("not scored")] * len(texts)
