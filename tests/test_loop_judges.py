@@ -54,7 +54,7 @@ def test_loop_with_pairwise_llm_judge_on_llama_cpp_server(tmp_path, tiny_model_p
     raw = js[js.candidate_ids.map(len) == 2]
     single = js[js.candidate_ids.map(len) == 1]
     assert len(single) == 9 and len(raw) == 3 * 3 * 2  # 3 prompts x 3 pairs x both orders
-    assert set(raw.judge) == {"pairwise:smollm2-135m-instruct"}
+    assert set(raw.judge) == {"llm_pairwise:smollm2-135m-instruct"}
     ok = single[single.status == "ok"]
     assert all(0.0 <= s["win_rate"] <= 1.0 for s in ok.scores)
     for r in single.itertuples():  # a candidate without an ok verdict has no score: never a training signal
@@ -63,6 +63,7 @@ def test_loop_with_pairwise_llm_judge_on_llama_cpp_server(tmp_path, tiny_model_p
     assert metrics["judge"]["pairwise"]["comparisons"] == 18
     assert set(metrics["judgments_not_ok"]) <= {"invalid", "error"}
     assert summary["heldout_winrate"]["judge"] == "longer" and summary["heldout_winrate"]["n"] == 2
+    assert summary["heldout_metric"] == "win_rate" and summary["before"]["accuracy"] is None
 
 
 def _sequence_classifier(tmp_path, tiny_model_path):

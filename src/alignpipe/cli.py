@@ -48,21 +48,40 @@ def run(
     _print_summary(summary)
 
 
+def _pct(x: float | None, sign: str = "") -> str:
+    return "-" if x is None or x != x else f"{x:{sign}.1%}"
+
+
 def _print_summary(summary: dict) -> None:
-    table = Table(title=f"{summary['name']}: held-out accuracy (greedy)")
-    for col in ("", "accuracy", "n"):
-        table.add_column(col)
-    table.add_row("before", f"{summary['before']['accuracy']:.1%}", str(summary["before"]["n"]))
-    table.add_row("after", f"{summary['after']['accuracy']:.1%}", str(summary["after"]["n"]))
-    table.add_row("difference", f"{summary['difference']:+.1%} "
-                  f"[{summary['ci95_low']:+.1%}, {summary['ci95_high']:+.1%}] 95% CI", "")
-    console.print(table)
+    metric = "pair preference (held-out human pairs)" if summary["heldout_metric"] == "pair_preference" \
+        else "accuracy (greedy)"
+    if summary["before"]["accuracy"] is not None:  # None: a chat task without human pairs (win rate only)
+        table = Table(title=f"{summary['name']}: held-out {metric}")
+        for col in ("", "value", "n"):
+            table.add_column(col)
+        table.add_row("before", _pct(summary["before"]["accuracy"]), str(summary["before"]["n"]))
+        table.add_row("after", _pct(summary["after"]["accuracy"]), str(summary["after"]["n"]))
+        if "difference" in summary:
+            table.add_row("difference", f"{_pct(summary['difference'], '+')} [{_pct(summary['ci95_low'], '+')}, "
+                          f"{_pct(summary['ci95_high'], '+')}] 95% CI", "")
+        console.print(table)
+    if "heldout_winrate" in summary:
+        w = summary["heldout_winrate"]
+        table = Table(title=f"{summary['name']}: final policy vs round 0 on held-out prompts, judged by {w['judge']}")
+        for col in ("win rate", "95% CI", "LC win rate", "ties", "n", "excluded"):
+            table.add_column(col)
+        table.add_row(_pct(w["win_rate"]), f"[{_pct(w['ci95_low'])}, {_pct(w['ci95_high'])}]", _pct(w["lc_win_rate"]),
+                      str(w["ties"]), str(w["n"]), ", ".join(f"{k}: {v}" for k, v in w["excluded"].items()) or "0")
+        console.print(table)
     rounds = Table(title="rounds")
-    for col in ("round", "sample reward", "examples", "all tied", "loss", "steps"):
+    for col in ("round", "sample reward", "examples", "all tied", "judge not ok", "both-order cons.", "loss", "steps"):
         rounds.add_column(col)
     for r in summary["rounds"]:
-        t = r.get("train", {})
+        t, judge = r.get("train", {}), r.get("judge", {})
+        not_ok = r.get("judgments_not_ok") or {}
+        not_ok = sum(not_ok.values()) if isinstance(not_ok, dict) else not_ok
         rounds.add_row(str(r["round"]), f"{r['sample_reward']:.3f}", str(r["examples"]), str(r["skipped_uniform"]),
+                       str(not_ok), _pct(judge.get("pairwise", {}).get("both_order_consistency")),
                        f"{t.get('loss', float('nan')):.4f}", str(t.get("steps", 0)))
     console.print(rounds)
     console.print(f"final model: {summary['final_model']}")

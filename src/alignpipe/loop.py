@@ -118,7 +118,7 @@ class _Session:
         if self.chat_task:  # answers kept for the win rate; preference tasks also score the human pairs
             answers = heldout_greedy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir, fingerprint,
                                      label)
-            out = {"accuracy": float("nan"), "n": len(prompts), "correct": [], "candidates": answers}
+            out = {"accuracy": None, "n": len(prompts), "correct": [], "candidates": answers, "metric": "win_rate"}
             if self.recipe.task.kind == "preferences":
                 out.update(pair_preference(self.model, self.tokenizer, prompts, self.chat,
                                            self.recipe.optimization.max_length))
