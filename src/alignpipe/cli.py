@@ -19,6 +19,18 @@ console = Console()
 RECIPES = Path(__file__).parent / "recipes"
 
 
+HEAVY = ("run", "judge-eval", "train-reward-model")  # commands that run a model
+
+
+@app.callback()
+def _setup(ctx: typer.Context) -> None:
+    """torch threads = the cores this process may use (affinity, cgroup quota); ALIGNPIPE_THREADS overrides."""
+    if ctx.invoked_subcommand in HEAVY:
+        from alignpipe.threads import configure_threads
+
+        configure_threads()
+
+
 def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:

@@ -232,7 +232,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         console.print(f"[yellow]note: {len(pool)} training prompts for {recipe.rounds * per_round} slots: prompts repeat")
     console.print(f"[bold]{recipe.name}[/]: model {model_path}, {len(pool)} training prompts, "
                   f"{len(data.heldout)} held-out, {recipe.rounds} round(s), "
-                  f"{describe_precision(recipe.optimization.precision, 'cuda' if torch.cuda.is_available() else 'cpu')}")
+                  f"{describe_precision(recipe.optimization.precision, 'cuda' if torch.cuda.is_available() else 'cpu')}, "
+                  f"{torch.get_num_threads()} torch threads")
 
     model = load_policy(model_path)
     opt = recipe.optimization
