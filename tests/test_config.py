@@ -131,3 +131,20 @@ def test_provider_check_hook_is_called_with_the_names_read(monkeypatch):
         load_recipe(None, {"instantiation.kind": "group", "optimization.objectives": [{"name": "ppo"}],
                            "optimization.inputs": {"value_head": {"init_std": 0.5}}})
     assert seen == [("value_head", 0.5, {"values", "old_values"})]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"task.digits": [5, 2]}, "task.arithmetic.digits: a range is [low, high]"),
+    ({"task.ops": []}, "task.arithmetic.ops: at least one operator is needed"),
+    ({"optimization.objectives": [{"name": "dpo", "beta": "high"}]}, "objective 'dpo': beta must be a number"),
+    ({"name": "../escape"}, "name: String should match pattern"),
+    ({"name": "/abs/path"}, "name: String should match pattern"),
+    ({"rounds.deeper": 1}, "--set rounds.deeper: rounds is a value, not a section"),
+])
+def test_more_bad_values_fail_at_load_time(overrides, message):
+    from alignpipe import AlignpipeError
+    from alignpipe.config import load_recipe
+
+    with pytest.raises(AlignpipeError) as err:
+        load_recipe("quickstart", overrides)
+    assert message in str(err.value)

@@ -37,7 +37,10 @@ def _overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise AlignpipeError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise AlignpipeError(f"--set {key}: not a YAML value: {str(exc).splitlines()[0]}") from None
     return out
 
 

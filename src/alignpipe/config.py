@@ -38,6 +38,20 @@ class ArithmeticTask(Strict):
     instruction: str = "Give only the final number."
     seed: int = 0
 
+    @field_validator("ops")
+    @classmethod
+    def _some_ops(cls, ops: list[str]) -> list[str]:
+        if not ops:
+            raise ValueError("at least one operator is needed")
+        return ops
+
+    @field_validator("digits", "mul_range")
+    @classmethod
+    def _ordered_range(cls, bounds: tuple[int, int]) -> tuple[int, int]:
+        if bounds[0] > bounds[1] or bounds[0] < 0:
+            raise ValueError(f"a range is [low, high] with 0 <= low <= high, got {list(bounds)}")
+        return bounds
+
 
 class Gsm8kTask(Strict):
     kind: Literal["gsm8k"] = "gsm8k"
@@ -230,6 +244,13 @@ class OptimizationConfig(Strict):
                     f"objective {term.name!r} has no parameter {sorted(unknown)}; "
                     f"it takes {sorted(spec.defaults) or 'none'}"
                 )
+            for key, value in term.params.items():  # `beta: high` fails here, not a minute into training
+                default = spec.defaults[key]
+                numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+                if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise ValueError(f"objective {term.name!r}: {key} must be a number, got {value!r}")
+                if isinstance(default, bool) and not isinstance(value, bool):
+                    raise ValueError(f"objective {term.name!r}: {key} must be true or false, got {value!r}")
         return terms
 
 
@@ -249,7 +270,7 @@ class HeldoutEval(Strict):
 
 
 class Recipe(Strict):
-    name: str = "run"
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder under output_dir, never a path
     model: str | None = None  # HF model dir; None = the embedded SmolLM2-135M-Instruct
     seed: int = 0
     rounds: int = Field(1, ge=1)
@@ -331,8 +352,10 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise AlignpipeError(f"--set {dotted}: {'.'.join(parents[:depth + 1])} is a value, not a section")
         node[leaf] = value
     try:
         return Recipe.model_validate(data)
