@@ -83,7 +83,7 @@ def heldout_accuracy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, pa
     judgments = judge_candidates(judge, prompts, candidates)
     correct = [score_of(j) if j.status == "ok" else 0.0 for j in judgments]
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct,
-            "candidates": candidates}
+            "candidates": candidates, "metric": "greedy_pass@1" if judge.name == "code_verifier" else "greedy_accuracy"}
 
 
 @dataclass
