@@ -193,3 +193,22 @@ def test_judge_eval_and_loop_share_one_code_path(tmp_path, tiny_model_path):
         sorted((j.candidate_ids[0], j.preference) for j in direct)
     row = evaluate_judge([LabelledPair(prompt=prompt, chosen=a, rejected=b)], cli_judge)
     assert row["judge"] == cli_judge.name
+
+
+def test_loop_with_step_labels_from_the_policy(tmp_path, tiny_model_path):
+    """Math-Shepherd step labels as the loop's judge: the policy continues every step prefix."""
+    prompts = tmp_path / "sums.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
+                               for i in range(12)))
+    recipe = _recipe(tmp_path, tiny_model_path, {"judge": "step-labels:policy", "rollouts": 2},
+                     task={"kind": "file", "path": str(prompts), "heldout_fraction": 0.25},
+                     instantiation={"kind": "pair", "score": "correct"},
+                     heldout={"n": 2, "max_new_tokens": 5})
+    summary = run(recipe)
+    js = _judgments(tmp_path)
+    ok = js[js.status == "ok"]
+    assert len(js) == 9 and len(ok) > 0
+    for r in ok.itertuples():
+        assert set(r.scores) == {"correct", "min_step"} and r.steps is not None and len(r.steps) >= 1
+        assert all(0.0 <= s <= 1.0 for s in r.steps)
+    assert summary["heldout_metric"] == "greedy_accuracy"

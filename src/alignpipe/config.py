@@ -81,6 +81,9 @@ class PreferenceTask(Strict):
     format: Literal["auto", "hh", "trl"] = "auto"
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
     limit: int | None = Field(None, ge=2)
+    # keep only dialogues whose prompt (the turns before the response) has at most this many characters:
+    # online recipes on a CPU re-read the prompt for every sample and every judgment
+    max_prompt_chars: int | None = Field(None, ge=1)
     seed: int = 0
 
 
@@ -144,11 +147,17 @@ class EvaluationConfig(Strict):
     max_comparisons: int | None = Field(None, ge=1)
     aggregate: Literal["win_rate", "bradley_terry"] = "win_rate"
     cross_family: bool = False  # refuse a judge model of the policy's family (self-preference)
+    # step-labels (Math-Shepherd): continuations per step prefix, and which label goes to `steps`
+    rollouts: int = Field(8, ge=1)
+    step_estimate: Literal["hard", "soft"] = "hard"
 
     @field_validator("judge")
     @classmethod
     def _valid_judge(cls, spec: str, info: ValidationInfo) -> str:
         return _check_judge_spec(spec, info.data.get("reward_model_pairs"))
+
+    def step_options(self) -> dict[str, Any]:
+        return {"rollouts": self.rollouts, "estimate": self.step_estimate}
 
     def llm_options(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "precision": self.precision, "brief": self.brief,

@@ -32,15 +32,17 @@ def reward_model_dirs(spec: str) -> list[str]:
 
 def ensure_reward_models(cfg: EvaluationConfig, console: Console, seed: int) -> None:
     """Train each `reward-model:DIR` of the judge whose DIR is missing, from `reward_model_pairs`
-    (Bradley-Terry head on the embedded model's features; `alignpipe train-reward-model` with defaults)."""
+    (a Bradley-Terry head on the embedded model's features: `alignpipe train-reward-model --layers 6,9,12,15`)."""
     for directory in reward_model_dirs(cfg.judge):
         if Path(directory).is_dir():
             continue
         from alignpipe.evaluation.reward_training import train_reward_model_command
 
         console.print(f"training reward model {directory} on {cfg.reward_model_pairs} ...")
+        # the first 6/9/12/15 decoder layers, picked on an inner holdout (docs/judges.md: 15 on hh-rlhf):
+        # half a forward pass per scored response, for the features here and for every judgment after
         metrics = train_reward_model_command(cfg.reward_model_pairs, directory, seed=seed,
-                                             limit=cfg.reward_model_limit)
+                                             limit=cfg.reward_model_limit, layers="6,9,12,15")
         console.print(f"reward model {directory}: test accuracy {metrics.get('test_accuracy', float('nan')):.3f} "
                       f"on {metrics.get('test_pairs', '?')} held-out pairs")
 
@@ -74,7 +76,8 @@ class LoopJudges:
                   "reference": reference}
         self.registry = JudgeRegistry(ev.llm_options(), models=models, default_model=ev.model,
                                       api_key_env=ev.api_key_env,
-                                      cross_family_with=policy_name if ev.cross_family else None)
+                                      cross_family_with=policy_name if ev.cross_family else None,
+                                      step_options=ev.step_options())
         self.recipe = recipe
 
     def for_round(self, round_dir: Path) -> Any:

@@ -24,6 +24,7 @@ from alignpipe.data.chat import format_messages, format_prompt
 from alignpipe.diagnostics.heldout import pair_preference, paired_difference
 from alignpipe.diagnostics.winrate import heldout_winrate
 from alignpipe.evaluation import judge_candidates
+from alignpipe.evaluation.verifiers import VERIFIERS
 from alignpipe.instantiation import build_examples, score_of
 from alignpipe.judging import LoopJudges, ensure_reward_models, judge_stats
 from alignpipe.models import (
@@ -99,14 +100,17 @@ class _Session:
     console: Console
     providers: list = field(default_factory=list)  # input providers (heads) kept across rounds
     judges: LoopJudges | None = None
+    # no gold answer to check (or a heldout.judge asked for): the held-out metric is a judged win rate of the
+    # final policy against the round-0 policy
+    chat_task: bool = False
 
     @property
-    def chat_task(self) -> bool:
-        """No gold answer to check: the held-out metric is a judged win rate against the round-0 policy."""
-        task = self.recipe.task
-        return self.recipe.heldout.judge is not None or (
-            self.recipe.synthesis.backend != "offline" and task.kind in ("preferences", "file")
-            and self.recipe.evaluation.judge not in ("math_verifier", "code_verifier", "rule_verifier"))
+    def heldout_verifier(self) -> str:
+        """Held-out accuracy is checked by a verifier: the recipe's judge when it is one, else the task's."""
+        judge = self.recipe.evaluation.judge
+        if judge in VERIFIERS:
+            return judge
+        return "code_verifier" if self.recipe.task.kind == "humaneval" else "math_verifier"
 
     def chat(self, prompt: Prompt) -> str:
         """The prompt through the chat template; multi-turn prompts keep their turns."""
@@ -126,7 +130,7 @@ class _Session:
             return out
         if self.recipe.task.kind == "preferences":
             return pair_preference(self.model, self.tokenizer, prompts, self.chat, self.recipe.optimization.max_length)
-        judge = self.judges.registry.resolve(self.recipe.evaluation.judge)
+        judge = self.judges.registry.resolve(self.heldout_verifier)
         return heldout_accuracy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir, fingerprint, label,
                                 judge)
 
@@ -247,6 +251,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     session = _Session(recipe, run_dir, model, tokenizer, model_path, reference_model, console, providers)
     ensure_reward_models(recipe.evaluation, console, recipe.seed)
     session.judges = LoopJudges(recipe, lambda: session.model, tokenizer, model_path, reference_model)
+    session.chat_task = recipe.heldout.judge is not None or (
+        recipe.synthesis.backend != "offline" and not any(p.reference for p in data.heldout))
     before = session.heldout(data.heldout, eval_fp, "before")
     if not session.chat_task:
         console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")

@@ -12,6 +12,9 @@
     additive[:BACKEND]
     atomic[:BACKEND]                        `atomic.AtomicLLMJudge`: a 1-10 score per sentence, in context
                                             (`steps`), with their mean and min as the scores
+    step-labels[:BACKEND]                   `step_labels.StepLabeler` (Math-Shepherd, arXiv 2312.08935): BACKEND
+                                            continues each step prefix; per-step labels in `steps`, scores
+                                            `correct` (the outcome) and `min_step`
     both-orders:SPEC                        `bias.BothOrdersJudge` around a pairwise SPEC (tie on disagreement)
     ensemble:mean:SPEC+SPEC+...             mean / median of pointwise scores
     ensemble:median:SPEC+SPEC+...
@@ -45,7 +48,7 @@ LLM_KINDS = {"pairwise": "PairwiseLLMJudge", "pointwise": "PointwiseLLMJudge", "
 ENSEMBLES = ("mean", "median", "vote", "meta", "weighted")
 LIVE_MODELS = ("policy", "reference")  # bound by `alignpipe run`; their judges change as the policy trains
 KNOWN = ("math_verifier, code_verifier, rule_verifier, human_label, longer, shorter, reward-model:DIR, "
-         "pairwise|pointwise|rubric|additive|atomic[:MODEL], both-orders:SPEC, ensemble:KIND:SPEC+SPEC")
+         "pairwise|pointwise|rubric|additive|atomic|step-labels[:MODEL], both-orders:SPEC, ensemble:KIND:SPEC+SPEC")
 
 
 def validate_spec(spec: str, reward_model_dirs_may_be_missing: bool = False) -> None:
@@ -64,7 +67,7 @@ def validate_spec(spec: str, reward_model_dirs_may_be_missing: bool = False) -> 
         if not reward_model_dirs_may_be_missing and not Path(rest).is_dir():
             raise ValueError(f"judge {spec!r}: reward-model directory not found: {rest}")
         return
-    if kind in (*LLM_KINDS, "atomic"):
+    if kind in (*LLM_KINDS, "atomic", "step-labels"):
         if rest.startswith(("http://", "https://")) and "#" not in rest:
             raise ValueError(f"judge {spec!r}: a server model is written URL#MODEL, e.g. http://127.0.0.1:8000/v1#m")
         return
@@ -117,7 +120,8 @@ class JudgeRegistry:
 
     def __init__(self, llm_options: dict[str, Any] | None = None, cache_dir: str | None = None, *,
                  models: dict[str, Callable[[], Any]] | None = None, default_model: str = "",
-                 api_key_env: str = "OPENAI_API_KEY", cross_family_with: str | None = None) -> None:
+                 api_key_env: str = "OPENAI_API_KEY", cross_family_with: str | None = None,
+                 step_options: dict[str, Any] | None = None) -> None:
         from alignpipe.evaluation.judgment_cache import JudgmentStore
 
         self._backends: dict[str, Any] = {}
@@ -129,6 +133,7 @@ class JudgeRegistry:
         self.default_model = default_model
         self.api_key_env = api_key_env
         self.cross_family_with = cross_family_with
+        self.step_options = dict(step_options or {})  # StepLabeler's rollouts, estimate, ...
 
     def new_store(self, cache_dir: str | Path | None) -> None:
         """Forget the judges (not the backends) and remember judgments in `cache_dir` from now on: the loop
@@ -169,7 +174,7 @@ class JudgeRegistry:
         spec = spec.strip()
         if spec not in self._judges:
             judge = self._build(spec)
-            if spec.partition(":")[0] in (*LLM_KINDS, "atomic", "reward-model"):
+            if spec.partition(":")[0] in (*LLM_KINDS, "atomic", "reward-model", "step-labels"):
                 from alignpipe.evaluation.judgment_cache import CachedJudge
 
                 judge = CachedJudge(judge, self.store)
@@ -215,6 +220,9 @@ class JudgeRegistry:
                 raise AlignpipeError(f"judge {spec!r}: the atomic judge has no logprobs verdict mode")
             atomic = _optional("alignpipe.evaluation.atomic", spec)
             return atomic.AtomicLLMJudge(backend, **options)
+        if kind == "step-labels":
+            steps = _optional("alignpipe.evaluation.step_labels", spec)
+            return steps.StepLabeler(self.backend(rest, spec), **self.step_options)
         if kind == "both-orders":
             inner = self.resolve(rest)
             if not callable(getattr(inner, "compare", None)):
