@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 
 from alignpipe import AlignpipeError
-
 from alignpipe.data import TaskData
 from alignpipe.data.pairs import load_pairs
 from alignpipe.records import Prompt
