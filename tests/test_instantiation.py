@@ -49,7 +49,9 @@ def test_failed_judgment_is_never_training_signal_and_is_counted():
     assert stats.judgments_not_ok == {"error": 1, "invalid": 1}
     assert [(p.chosen, p.rejected) for p in pairs] == [("a-0", "a-2")]  # b has one judged candidate: no pair
     groups, gstats = groups_with_scores(prompts, cands, judgments, chat, drop_uniform=False)
-    assert [g.completions for g in groups] == [["a-0", "a-2"], ["b-1"]] and gstats.judgments_not_ok["error"] == 1
+    assert groups == [] and gstats.skipped_incomplete == 2 and gstats.judgments_not_ok["error"] == 1
+    whole, _ = groups_with_scores(prompts, cands[:3], [judgments[0], judgments[2]], chat)
+    assert whole == []  # a-1's judgment is missing: the group is incomplete
     points, _ = labelled_points(prompts, cands, judgments[:4], chat)  # b-1 has no judgment at all
     assert [p.completion for p in points] == ["a-0", "a-2"]
     assert labelled_points(prompts, cands, judgments[:4], chat)[1].judgments_not_ok == {"error": 1, "invalid": 1,

@@ -39,7 +39,7 @@ def test_verifier_statuses():
     no_ref = math_verifier(Prompt(id="q", prompt="?"), Candidate(prompt_id="q", id="c4", completion="5"))
     assert (right.status, right.scores) == ("ok", {"correct": 1.0})
     assert (wrong.status, wrong.scores) == ("ok", {"correct": 0.0})
-    assert (empty.status, empty.scores["correct"]) == ("invalid", 0.0)
+    assert (empty.status, empty.scores["correct"], empty.reason) == ("ok", 0.0, "no final answer found")
     assert no_ref.status == "error"
 
 

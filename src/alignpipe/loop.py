@@ -190,6 +190,7 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
         "mean_tokens": sum(c.num_tokens or 0 for c in candidates) / max(len(candidates), 1),
         "judgments_not_ok": stats.judgments_not_ok, "examples": stats.examples,
         "skipped_uniform": stats.skipped_uniform, "skipped_margin": stats.skipped_margin,
+        "skipped_incomplete": stats.skipped_incomplete,
         "train": train,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
     }

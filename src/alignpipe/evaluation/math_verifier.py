@@ -60,15 +60,16 @@ def answers_match(predicted: str, gold: str) -> bool:
 def math_verifier(prompt: Prompt, candidate: Candidate) -> Judgment:
     """Score 1.0 if the candidate's final answer equals the prompt's reference, else 0.0.
 
-    A completion with no answer at all is `invalid` (and scores 0.0, the verifier's verdict that it
-    failed the task); a prompt without a reference is an `error`.
+    A completion with no answer at all scores 0.0 with status `ok` and reason "no final answer found": that
+    is the verifier's verdict that it failed the task (training may reject it), not a failure of the
+    judge. A prompt without a reference is an `error`: nothing is known about the candidate.
     """
     base = dict(prompt_id=prompt.id, candidate_ids=[candidate.id], judge="math_verifier")
     if prompt.reference is None:
         return Judgment(**base, status="error", reason="prompt has no reference answer")
     predicted = extract_answer(candidate.completion)
     if predicted is None:
-        return Judgment(**base, scores={"correct": 0.0}, status="invalid", reason="no final answer found")
+        return Judgment(**base, scores={"correct": 0.0}, reason="no final answer found")
     correct = answers_match(predicted, prompt.reference)
     return Judgment(**base, scores={"correct": float(correct)}, raw=predicted,
                     rationale=f"extracted {predicted!r}, reference {prompt.reference!r}")

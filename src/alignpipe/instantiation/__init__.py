@@ -17,6 +17,7 @@ class BuildStats:
     examples: int = 0
     skipped_uniform: int = 0  # every candidate of the prompt scored the same: no signal
     skipped_margin: int = 0
+    skipped_incomplete: int = 0  # groups with a candidate that has no ok judgment (group instantiation)
     # candidates left out because their judgment was not `ok` (or missing), by status: a judge failure is
     # never a training signal (it would otherwise score 0 and become the rejected response)
     judgments_not_ok: dict[str, int] = field(default_factory=dict)
@@ -149,9 +150,17 @@ def groups_with_scores(
     `baselines`: per prompt id, the score of the policy's greedy decode (ReMax's baseline), carried along."""
     grouped, not_ok = _grouped(prompts, candidates, judgments, dim)
     stats = BuildStats(prompts=len(grouped), judgments_not_ok=not_ok)
+    sizes = defaultdict(int)
+    for c in candidates:
+        sizes[c.prompt_id] += 1
     out = []
     for prompt, group in grouped:
         scores = [s for _, s, _ in group]
+        if len(group) < sizes[prompt.id]:
+            # a candidate without an ok judgment would leave a smaller group: its advantages would be
+            # normalised over other samples than its peers', and batches need equal group sizes
+            stats.skipped_incomplete += 1
+            continue
         if drop_uniform and max(scores) == min(scores):
             stats.skipped_uniform += 1
             continue
