@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch unless a GPU is visible; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,19 @@ $(BIN)/.installed: pyproject.toml
 
 $(BIN)/.installed-test: $(BIN)/.installed
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e ".[test]"
+	$(MAKE) --no-print-directory browser
 	touch $@
+
+# Debian's chromium and chromedriver for the browser tests of the report and labelling pages. Where they cannot
+# be installed (no root, no sudo, no apt-get) those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	  echo "note: cannot install chromium without root; the browser tests will skip"; exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1; then \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+	  || echo "note: apt-get could not install chromium; the browser tests will skip"; \
+	else echo "note: no apt-get; the browser tests will skip"; fi
 
 setup: $(BIN)/.installed
 

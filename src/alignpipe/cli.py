@@ -1,4 +1,5 @@
-"""The command line: `alignpipe run [RECIPE]`, `alignpipe recipes`, `alignpipe objectives`."""
+"""The command line: `alignpipe run`, `recipes`, `objectives`, `train-reward-model`, `judge-eval`, `report`,
+`label`, `label-agreement`."""
 
 from __future__ import annotations
 
@@ -181,6 +182,71 @@ def train_reward_model(
     console.print(table)
     console.print(f"{m['total_seconds']:.0f} s; model, metrics.json and split.json in {m['output']} "
                   f"(judge: reward-model:{m['output']})")
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories (runs/<name>); several: a comparison"),
+    out: Path | None = typer.Option(None, "--out", help="HTML file to write (default: RUN/report.html for one "
+                                    "run, compare-<a>-vs-<b>.html beside the first run for several)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report's figures as JSON to stdout instead of "
+                                 "writing HTML (with --out: both)"),
+) -> None:
+    """Write a self-contained HTML report of one run, or a comparison of several (config differences first)."""
+    from alignpipe.diagnostics.report import build_report, default_output, render_html, write_html
+
+    data = build_report(runs)
+    if as_json:
+        print(json.dumps(data, indent=2))
+    if out is not None or not as_json:
+        path = write_html(render_html(data), out or default_output(runs))
+        Console(stderr=as_json).print(f"report: {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def label(
+    source: str = typer.Argument(..., help="Pairs file (jsonl/parquet: hh-rlhf or TRL prompt/chosen/rejected) or "
+                                 "a run round directory RUN/round-NN"),
+    labeller: str = typer.Option(os.environ.get("USER") or "me", "--labeller", help="Your name: labels are "
+                                 "judgments of judge 'human:NAME' (default: $USER)"),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port on 127.0.0.1 (0: any free port)"),
+    out: str | None = typer.Option(None, "--out", help="Labels file (default: PAIRS.labels.NAME.jsonl beside the "
+                                   "pairs file, or RUN/round-NN/labels.NAME.jsonl)"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random left/right order of each pair"),
+    limit: int | None = typer.Option(None, "--limit", help="Label only the first N pairs"),
+    export: str | None = typer.Option(None, "--export", help="Write the labels as a TRL prompt/chosen/rejected "
+                                      "jsonl (chosen = your pick; ties and skips dropped) to this file and exit"),
+) -> None:
+    """Label preference pairs on a local page: two responses side by side in a recorded random order,
+    A / B / tie / skip / undo, keyboard shortcuts; a restarted server continues where it stopped."""
+    from alignpipe.evaluation.label_server import label_command
+
+    label_command(source, labeller, port=port, out=out, seed=seed, limit=limit, export=export, console=console)
+
+
+@app.command("label-agreement")
+def label_agreement(
+    labels: list[str] = typer.Argument(..., help="Labels files written by `alignpipe label`"),
+    input_path: str | None = typer.Option(None, "--input", help="The labelled pairs file or round directory: "
+                                          "also compare each labels file with its own chosen/rejected labels"),
+    json_out: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
+) -> None:
+    """Agreement and Cohen's kappa between labellers, and agreement of each with the dataset's labels."""
+    from alignpipe.evaluation.judge_eval import json_safe
+    from alignpipe.evaluation.labelling import agreement_rows
+    from alignpipe.records import write_json
+
+    rows = agreement_rows(labels, input_path)
+    table = Table(title="label agreement (items both labelled; skips left out)")
+    for col in ("labels", "compared with", "pairs", "agree", "agree (tie = 1/2)", "kappa"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["a"], r["b"], str(r["n"]), _pct(r["agreement"]), _pct(r.get("agreement_tie_half")),
+                      "-" if r.get("kappa") is None or r["kappa"] != r["kappa"] else f"{r['kappa']:.3f}")
+    console.print(table)
+    if json_out:
+        write_json(json_out, json_safe(rows))
+        console.print(f"wrote {json_out}")
 
 
 from alignpipe.evaluation.judge_eval_cli import judge_eval  # noqa: E402

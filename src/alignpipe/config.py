@@ -24,6 +24,10 @@ from pydantic import (
 
 from alignpipe import AlignpipeError
 
+# task kinds whose prompts carry a gold response (synthesis/sources.py `gold_response`); a `file` task has one
+# where its rows have a `response` column, checked when the file is read
+GOLD_TASKS = ("arithmetic", "gsm8k", "humaneval", "preferences", "file")
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -74,7 +78,7 @@ class FileTask(Strict):
 
 class PreferenceTask(Strict):
     """Human preference pairs (hh-rlhf dialogues or TRL prompt/chosen/rejected), for offline recipes:
-    pair with `synthesis.backend: offline` and `evaluation.judge: human_label`."""
+    pair with `synthesis.source: offline` and `evaluation.judge: human_label`."""
 
     kind: Literal["preferences"] = "preferences"
     path: str
@@ -100,15 +104,129 @@ class HumanEvalTask(Strict):
     seed: int = 0
 
 
+class SourceSpec(Strict):
+    """One source of candidates in a mixture: `k` candidates per prompt from it."""
+
+    # policy: the current policy; teacher: another model (distillation); gold: the task's reference response
+    # (GSM8K's worked solution, the arithmetic answer, HumanEval's canonical solution, a preference pair's chosen
+    # response); offline: every response the dataset ships with for the prompt (preference tasks)
+    source: Literal["policy", "teacher", "gold", "offline"]
+    k: int = Field(1, ge=1)  # policy/teacher samples per prompt (gold and offline give what the data has)
+    model: str | None = None  # teacher: a local model directory, or URL#MODEL of an OpenAI-compatible server
+    temperature: float | None = Field(None, ge=0)  # this source's sampling temperature (None: synthesis's)
+
+    @model_validator(mode="after")
+    def _teacher_has_model(self) -> SourceSpec:
+        if self.source == "teacher" and not self.model:
+            raise ValueError("a teacher source needs `model` (a local model directory or URL#MODEL)")
+        if self.source != "teacher" and self.model:
+            raise ValueError(f"`model` is for teacher sources; a {self.source} source has none")
+        return self
+
+
+class TemperatureSchedule(Strict):
+    """Exploration by temperature (survey section 4.3): per round, and/or spread across a prompt's samples."""
+
+    rounds: list[float] | None = None  # temperature of round r; the last value repeats for later rounds
+    per_sample: tuple[float, float] | None = None  # the k samples of a prompt spread evenly over [low, high]
+
+    @field_validator("rounds")
+    @classmethod
+    def _nonneg(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and (not values or any(v < 0 for v in values)):
+            raise ValueError("rounds: a non-empty list of temperatures >= 0")
+        return values
+
+    @field_validator("per_sample")
+    @classmethod
+    def _range(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+        if bounds is not None and not 0 <= bounds[0] <= bounds[1]:
+            raise ValueError(f"per_sample is [low, high] with 0 <= low <= high, got {list(bounds)}")
+        return bounds
+
+
 class SynthesisConfig(Strict):
-    # transformers: sample from the current policy; offline: the responses the prompt file ships with
-    backend: Literal["transformers", "offline"] = "transformers"
+    """Where a round's candidates come from (synthesis/sources.py).
+
+    `source` policy: k samples of the current policy; teacher: k samples of `teacher` (distillation); self_play:
+    SPIN (arXiv 2401.01335), the task's gold response plus k policy samples (judge with `provenance`, which
+    prefers the gold one); offline: the dataset's own responses; mixture: the sources listed in `mixture`."""
+
+    source: Literal["policy", "teacher", "self_play", "offline", "mixture"] = "policy"
+    # how policy samples are generated: transformers (in process, one shared prefill per prompt), openai (a
+    # server at `server` that serves the current policy), vllm (in process on a GPU, the round's LoRA adapter
+    # loaded as an adapter). `offline` is the older spelling of `source: offline`.
+    backend: Literal["transformers", "openai", "vllm", "offline"] = "transformers"
+    server: str | None = None  # backend openai: URL#MODEL of the server that serves the policy
+    teacher: str | None = None  # source teacher: a local model directory, or URL#MODEL
+    mixture: list[SourceSpec] | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # a server's API key is read from this variable
     prompts_per_round: int = Field(64, ge=1)
     samples_per_prompt: int = Field(8, ge=1)
     temperature: float = Field(1.0, ge=0)
+    temperature_schedule: TemperatureSchedule | None = None
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(64, ge=1)
+    # verbalized sampling (arXiv 2510.01171): ask for this many distinct answers in one response and parse them
+    # into candidates, instead of sampling them one by one
+    verbalized: int | None = Field(None, ge=2)
+    # DAPO's dynamic sampling (arXiv 2503.14476): a prompt whose candidates all tie is replaced by a fresh prompt,
+    # up to this many extra sampling passes per round (0: off)
+    dynamic_sampling: int = Field(0, ge=0)
+    # add the embedding spread (all-MiniLM-L6-v2, the `diversity` extra) to each round's diversity figures
+    embedding_diversity: bool = False
+
+    @model_validator(mode="after")
+    def _sources_complete(self) -> SynthesisConfig:
+        if self.backend == "offline":  # the older spelling
+            self.source, self.backend = "offline", "transformers"
+        if self.source == "teacher" and not self.teacher:
+            raise ValueError("source 'teacher' needs synthesis.teacher (a local model directory or URL#MODEL)")
+        if self.source == "mixture" and not self.mixture:
+            raise ValueError("source 'mixture' needs synthesis.mixture, a list of {source, k}")
+        if self.source != "mixture" and self.mixture:
+            raise ValueError(f"synthesis.mixture is for source 'mixture' (source is {self.source!r})")
+        if self.backend == "openai" and not self.server:
+            raise ValueError("backend 'openai' needs synthesis.server (URL#MODEL of the server serving the policy)")
+        if self.backend == "vllm":
+            from alignpipe.synthesis.generators import check_backend_available
+
+            reason = check_backend_available("vllm")
+            if reason:
+                raise ValueError(reason)
+        for spec in self.source_specs():
+            if spec.source == "teacher":
+                _check_model_ref(spec.model or "", "teacher")
+        return self
+
+    def source_specs(self) -> list[SourceSpec]:
+        """The sources of a round as a list (a single source is a one-item mixture)."""
+        k = self.samples_per_prompt
+        if self.source == "mixture":
+            return list(self.mixture or [])
+        if self.source == "offline":
+            return [SourceSpec(source="offline")]
+        if self.source == "teacher":
+            return [SourceSpec(source="teacher", k=k, model=self.teacher)]
+        if self.source == "self_play":
+            return [SourceSpec(source="gold"), SourceSpec(source="policy", k=k)]
+        return [SourceSpec(source="policy", k=k)]
+
+    def uses(self, source: str) -> bool:
+        return any(s.source == source for s in self.source_specs())
+
+
+def _check_model_ref(ref: str, what: str) -> None:
+    """A model is a local directory or URL#MODEL; a directory that does not exist fails at load time."""
+    if ref.startswith(("http://", "https://")):
+        if "#" not in ref:
+            raise ValueError(f"{what} {ref!r}: a server is given as URL#MODEL")
+        return
+    if not Path(ref).expanduser().is_dir():
+        hint = " (run `alignpipe run quickstart` first: it writes that model)" if \
+            Path(ref).as_posix().endswith("quickstart/final_model") else ""
+        raise ValueError(f"{what} model directory {ref!r} does not exist{hint}")
 
 
 def _check_judge_spec(spec: str, reward_model_pairs: str | None = None) -> str:
@@ -164,18 +282,83 @@ class EvaluationConfig(Strict):
                 "max_new_tokens": self.max_new_tokens}
 
 
+class SelectionConfig(Strict):
+    """Which of a round's built examples are trained on (survey section 4.2; instantiation/selection.py), within
+    a per-round `budget` of examples (or of prompts, `unit: prompt`); kept examples keep their order.
+
+    random: a seeded subset. score_margin: the judge's score gap; RS-DPO's threshold (arXiv 2402.10038) keeps
+    a pair when sigmoid(gap / tau) > eta, `min_margin` a plain floor; then the largest gaps. implicit_margin:
+    the DPO implicit reward gap under the round-start policy against the reference, `keep` highest (BeeS-style
+    margin maximisation), lowest, or potential (judged gap not yet learnt). uncertainty: `measure`
+    judge_disagreement (pairwise verdicts across both orders / ensemble members) or ensemble_variance
+    (variance of an ensemble judge's margins), `keep` least (default) or most uncertain."""
+
+    rule: Literal["random", "score_margin", "implicit_margin", "uncertainty"]
+    budget: int | None = Field(None, ge=1)
+    unit: Literal["example", "prompt"] = "example"
+    min_margin: float | None = None  # score_margin
+    eta: float | None = Field(None, gt=0, lt=1)  # score_margin
+    tau: float = Field(1.0, gt=0)  # score_margin
+    beta: float = Field(0.1, gt=0)  # implicit_margin
+    keep: Literal["highest", "lowest", "potential", "least", "most"] | None = None
+    measure: Literal["judge_disagreement", "ensemble_variance"] | None = None  # uncertainty
+
+    @model_validator(mode="after")
+    def _fits_rule(self) -> SelectionConfig:
+        own = {"score_margin": {"min_margin", "eta"}, "uncertainty": {"measure"}}
+        for rule, names in own.items():
+            given = sorted(n for n in names if getattr(self, n) is not None)
+            if given and self.rule != rule:
+                raise ValueError(f"{', '.join(given)}: for rule {rule!r}, not {self.rule!r}")
+        keeps = {"implicit_margin": ("highest", "lowest", "potential"), "uncertainty": ("least", "most")}
+        if self.keep is not None and self.keep not in keeps.get(self.rule, ()):
+            raise ValueError(f"keep {self.keep!r} is not a choice of rule {self.rule!r} "
+                             f"({', '.join(keeps.get(self.rule, ())) or 'it has no keep'})")
+        if self.rule == "uncertainty" and self.measure is None:
+            raise ValueError("rule 'uncertainty' needs measure (judge_disagreement or ensemble_variance)")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """The rule's keyword parameters for `selection.select` (inputs computed from the round are added)."""
+        if self.rule == "random":
+            return {"unit": self.unit}
+        if self.rule == "score_margin":
+            return {"unit": self.unit, "min_margin": self.min_margin, "eta": self.eta, "tau": self.tau}
+        if self.rule == "implicit_margin":
+            return {"unit": self.unit, "beta": self.beta, "keep": self.keep or "highest"}
+        return {"unit": self.unit, "measure": self.measure,
+                "keep": self.keep}
+
+
 class InstantiationConfig(Strict):
     kind: Literal["pair", "point", "group"] = "pair"
-    # best_vs_worst: one pair per prompt; reward_gap: RS-DPO's every pair with sigmoid(gap / gap_tau) > gap_eta
-    pairs: Literal["best_vs_worst", "reward_gap"] = "best_vs_worst"
+    # best_vs_worst: one pair per prompt; reward_gap: RS-DPO's every pair with sigmoid(gap / gap_tau) > gap_eta;
+    # divpo (arXiv 2501.18101): the most diverse candidate scoring >= divpo_threshold is chosen, the least
+    # diverse below it rejected (divpo_rho: the top / bottom rho fraction by score instead of a threshold)
+    pairs: Literal["best_vs_worst", "reward_gap", "divpo"] = "best_vs_worst"
     gap_eta: float = Field(0.85, gt=0, lt=1)
     gap_tau: float = Field(1.0, gt=0)
+    divpo_threshold: float = 0.5
+    divpo_rho: float | None = Field(None, gt=0, le=0.5)
+    # ngram: 1 - mean Jaccard of a response's bigrams to its siblings'; embedding: mean cosine distance of
+    # all-MiniLM-L6-v2 embeddings (the `diversity` extra); word_frequency: rarity of its words
+    divpo_diversity: Literal["ngram", "embedding", "word_frequency"] = "ngram"
+    selection: SelectionConfig | None = None
     min_margin: float = Field(0.0, ge=0)
     drop_uniform_groups: bool = True  # a group whose scores all tie carries no signal
     label_threshold: float = 0.5  # point: desirable when score >= threshold (the binarization rule)
     # the judgment dimension that is the reward (ranks pairs, labels points, group rewards), e.g. "rule:correct";
     # None: the mean of all of them. Every dimension is also kept on the examples (`dims`) for input providers.
     score: str | None = None
+
+    @model_validator(mode="after")
+    def _selection_fits_kind(self) -> InstantiationConfig:
+        rule = self.selection.rule if self.selection else None
+        if rule in ("implicit_margin", "uncertainty") and self.kind != "pair":
+            raise ValueError(f"selection rule {rule!r} ranks pairs; instantiation.kind is {self.kind!r}")
+        if rule == "score_margin" and self.kind == "point":
+            raise ValueError("selection rule 'score_margin' needs pairs or groups (points have no margin)")
+        return self
 
 
 class ObjectiveTerm(Strict):
@@ -223,6 +406,9 @@ class OptimizationConfig(Strict):
     # bf16: autocast matmuls (log-probs and losses stay fp32); auto: bf16 only where the CPU/GPU has it natively
     # (AVX512-BF16, AMX, bf16 GPUs), else fp32: emulated bf16 on an AVX2-only CPU is ~30x slower
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # implicit-reward accuracy/margin and KL to the reference on the round's examples before and after its
+    # updates (two no-grad passes; optimization/round_signal.py), for the round's diagnostics and the report
+    measure_signal: bool = True
     # options of input providers (optimization/providers/), by provider name, e.g. {value_head: {...}}
     inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -294,10 +480,13 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _offline_needs_preferences(self) -> Recipe:
-        offline = self.synthesis.backend == "offline" or self.evaluation.judge == "human_label"
+        offline = self.synthesis.uses("offline") or self.evaluation.judge == "human_label"
         if offline and self.task.kind != "preferences":
-            raise ValueError("synthesis.backend 'offline' and evaluation.judge 'human_label' need task.kind "
+            raise ValueError("synthesis.source 'offline' and evaluation.judge 'human_label' need task.kind "
                              "'preferences' (responses and labels come with the data)")
+        if self.synthesis.uses("gold") and self.task.kind not in GOLD_TASKS:
+            raise ValueError(f"synthesis.source: a self_play/gold source needs gold responses, which task.kind "
+                             f"{self.task.kind!r} does not have (tasks with them: {', '.join(GOLD_TASKS)})")
         return self
 
     @model_validator(mode="after")

@@ -18,15 +18,22 @@ import torch
 import yaml
 from rich.console import Console
 
+from alignpipe import AlignpipeError
 from alignpipe.config import Recipe
 from alignpipe.data import load_task
 from alignpipe.data.chat import format_messages, format_prompt
 from alignpipe.diagnostics.heldout import pair_preference, paired_difference
+from alignpipe.diagnostics.report import write_report
+from alignpipe.diagnostics.rounds import write_round_diagnostics
 from alignpipe.diagnostics.winrate import heldout_winrate
 from alignpipe.evaluation import judge_candidates
-from alignpipe.evaluation.verifiers import VERIFIERS
+from alignpipe.evaluation.verifiers import ANSWER_CHECKERS
 from alignpipe.instantiation import build_examples, score_of
+from alignpipe.instantiation.round_selection import select_examples
+from alignpipe.instantiation.selection import dynamic_fill
+from alignpipe.instantiation.selection_inputs import pair_logps
 from alignpipe.judging import LoopJudges, ensure_reward_models, judge_stats
+from alignpipe.metering import StageMeter
 from alignpipe.models import (
     attach_adapter,
     load_checkpoint,
@@ -46,7 +53,9 @@ from alignpipe.records import (
     write_json,
     write_records,
 )
-from alignpipe.synthesis.offline import offline_candidates
+from alignpipe.synthesis.diversity import round_diversity
+from alignpipe.synthesis.generators import Generator, build_generator
+from alignpipe.synthesis.sources import CandidateSources, gold_response, split_server, teacher_generator
 from alignpipe.synthesis.transformers_backend import generate
 
 
@@ -103,12 +112,14 @@ class _Session:
     # no gold answer to check (or a heldout.judge asked for): the held-out metric is a judged win rate of the
     # final policy against the round-0 policy
     chat_task: bool = False
+    sources: CandidateSources | None = None
+    pool: list[Prompt] = field(default_factory=list)  # the shuffled training prompts
 
     @property
     def heldout_verifier(self) -> str:
         """Held-out accuracy is checked by a verifier: the recipe's judge when it is one, else the task's."""
         judge = self.recipe.evaluation.judge
-        if judge in VERIFIERS:
+        if judge in ANSWER_CHECKERS:
             return judge
         return "code_verifier" if self.recipe.task.kind == "humaneval" else "math_verifier"
 
@@ -134,13 +145,15 @@ class _Session:
         return heldout_accuracy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir, fingerprint, label,
                                 judge)
 
-    def sample(self, prompts: list[Prompt], r: int) -> list[Candidate]:
+    def sample(self, prompts: list[Prompt], r: int, seed_offset: int = 0) -> list[Candidate]:
+        return self.sources.candidates(prompts, r, self.recipe.seed + r + seed_offset)
+
+    def fresh_prompts(self, r: int, used: int, n: int) -> list[Prompt]:
+        """Dynamic sampling's fresh prompts for round r: taken after every round's regular prompts, each
+        round with its own stretch of the pool (so a resumed run draws the same ones)."""
         syn = self.recipe.synthesis
-        if syn.backend == "offline":
-            return offline_candidates(prompts)
-        return generate(self.model, self.tokenizer, prompts, syn.samples_per_prompt, syn.temperature, syn.top_p,
-                        syn.max_new_tokens, syn.batch_size, self.recipe.seed + r,
-                        {"model": str(self.model_path), "round": r}, f"round {r}: sampling")
+        start = self.recipe.rounds * syn.prompts_per_round + r * syn.prompts_per_round * syn.dynamic_sampling + used
+        return [self.pool[(start + i) % len(self.pool)] for i in range(n)]
 
     def greedy_baselines(self, prompts: list[Prompt], r: int, rd: Path, fingerprint: str) -> dict[str, float]:
         """ReMax's baseline b(x) = r(x, greedy decode) (arXiv 2310.10505): per prompt, one temperature-0 decode
@@ -162,26 +175,98 @@ class _Session:
                                 aggregate=ev.aggregate, both_orders=ev.both_orders, seed=self.recipe.seed + r)
 
 
+def _pointwise_scores(candidates: list[Candidate], judgments: list[Judgment], dim: str | None,
+                      ) -> dict[str, list[float]]:
+    """Per prompt, the scores of its candidates that have an ok pointwise judgment."""
+    by_cand = {j.candidate_ids[0]: j for j in judgments if len(j.candidate_ids) == 1 and j.status == "ok"}
+    out: dict[str, list[float]] = {}
+    for c in candidates:
+        out.setdefault(c.prompt_id, [])
+        if c.id in by_cand:
+            out[c.prompt_id].append(score_of(by_cand[c.id], dim))
+    return out
+
+
+def _dynamic_sampling(s: _Session, r: int, rd: Path, fingerprint: str, judge: Any, prompts: list[Prompt],
+                      candidates: list[Candidate], judgments: list[Judgment]) -> tuple[list, list, list, dict]:
+    """DAPO's dynamic sampling (arXiv 2503.14476): a prompt whose candidates all tie carries no signal, so it
+    is replaced by fresh prompts, sampled and judged like the others, until the round has prompts_per_round
+    informative prompts or `synthesis.dynamic_sampling` extra passes were made. Each pass is cached under
+    round-NN/dynamic-A-*. Ties are read from pointwise judgments (a pairwise judge has no per-candidate score:
+    then nothing is replaced)."""
+    dim = s.recipe.instantiation.score
+    if not any(len(j.candidate_ids) == 1 for j in judgments):
+        return prompts, candidates, judgments, {"stop": "no_pointwise_scores"}
+    extra_prompts: list[Prompt] = []
+    extra_candidates: list[Candidate] = []
+    extra_judgments: list[Judgment] = []
+    used = [0]
+    seen = {p.id for p in prompts}
+
+    def sample(n: int) -> dict[str, list[float]]:
+        fresh = [p for p in s.fresh_prompts(r, used[0], n) if p.id not in seen]
+        used[0] += n
+        seen.update(p.id for p in fresh)
+        if not fresh:
+            return {}
+        fp = f"{fingerprint}:dynamic{used[0]}"
+        write_records(rd / f"dynamic-{used[0]:05d}-prompts.parquet", fresh, Prompt)
+        cands = cached_stage(rd / f"dynamic-{used[0]:05d}-candidates.parquet", fp, Candidate,
+                             lambda: s.sample(fresh, r, seed_offset=used[0] * 7907))
+        js = cached_stage(rd / f"dynamic-{used[0]:05d}-judgments.parquet", fp, Judgment,
+                          lambda: s.judge(judge, fresh, cands, r))
+        extra_prompts.extend(fresh)
+        extra_candidates.extend(cands)
+        extra_judgments.extend(js)
+        return _pointwise_scores(cands, js, dim)
+
+    kept, stats = dynamic_fill(_pointwise_scores(candidates, judgments, dim), len(prompts), sample,
+                               max_attempts=s.recipe.synthesis.dynamic_sampling)
+    keep = set(kept)
+    return ([p for p in prompts + extra_prompts if p.id in keep],
+            [c for c in candidates + extra_candidates if c.prompt_id in keep],
+            [j for j in judgments + extra_judgments if j.prompt_id in keep], stats)
+
+
 def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> dict[str, Any]:
     """One round of the four stages; each stage's output is cached under round-NN/."""
     recipe, rd = s.recipe, s.run_dir / f"round-{r:02d}"
+    meter = StageMeter()
     write_records(rd / "prompts.parquet", prompts, Prompt)
-    candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: s.sample(prompts, r))
+    with meter.stage("sampling"):
+        candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: s.sample(prompts, r))
     judge = s.judges.for_round(rd)
-    judgments = cached_stage(rd / "judgments.parquet", fingerprint, Judgment,
-                             lambda: s.judge(judge, prompts, candidates, r), redo=lambda js: any(
-                                 j.status != "ok" for j in js))  # a rerun asks again what failed (the rest is cached)
-    reads_baseline = any("baseline_rewards" in OBJECTIVES[t.name].inputs for t in recipe.optimization.objectives)
-    baselines = s.greedy_baselines(prompts, r, rd, fingerprint) if reads_baseline else None
-    examples, stats, cls = build_examples(recipe.instantiation, prompts, candidates, judgments, s.chat,
-                                          recipe.seed + r, baselines)
-    write_records(rd / "examples.parquet", examples, cls)
-    train = optimize(s.model, s.tokenizer, examples, recipe.optimization, seed=recipe.seed + r,
-                     reference_model=s.reference_model, providers=s.providers)
+    with meter.stage("judging"):
+        judgments = cached_stage(rd / "judgments.parquet", fingerprint, Judgment,
+                                 lambda: s.judge(judge, prompts, candidates, r), redo=lambda js: any(
+                                     j.status != "ok" for j in js))  # a rerun asks again what failed
+    diversity = round_diversity(candidates, embedding=recipe.synthesis.embedding_diversity)
+    dynamic = None
+    if recipe.synthesis.dynamic_sampling:
+        with meter.stage("dynamic_sampling"):
+            prompts, candidates, judgments, dynamic = _dynamic_sampling(s, r, rd, fingerprint, judge, prompts,
+                                                                        candidates, judgments)
+    with meter.stage("judging"):
+        reads_baseline = any("baseline_rewards" in OBJECTIVES[t.name].inputs for t in recipe.optimization.objectives)
+        baselines = s.greedy_baselines(prompts, r, rd, fingerprint) if reads_baseline else None
+    with meter.stage("instantiation"):
+        examples, stats, cls = build_examples(recipe.instantiation, prompts, candidates, judgments, s.chat,
+                                              recipe.seed + r, baselines)
+        selection = None
+        if recipe.instantiation.selection is not None:
+            examples, selection = select_examples(
+                recipe.instantiation.selection, examples, candidates, judgments, recipe.seed + r,
+                logps=lambda ex: pair_logps(s.model, s.tokenizer, ex, recipe.optimization, s.reference_model),
+                dim=recipe.instantiation.score)
+        write_records(rd / "examples.parquet", examples, cls)
+    with meter.stage("training"):
+        train = optimize(s.model, s.tokenizer, examples, recipe.optimization, seed=recipe.seed + r,
+                         reference_model=s.reference_model, providers=s.providers)
     save_checkpoint(s.model, s.tokenizer, rd / "checkpoint")
     for provider in s.providers:
         provider.save(rd / "checkpoint")
     (rd / "checkpoint.fingerprint").write_text(fingerprint)
+    _policy_moved(s, rd / "checkpoint")
     scores = [score_of(j, recipe.instantiation.score) for j in judgments if len(j.candidate_ids) == 1
               and j.status == "ok"]
     metrics = {
@@ -191,14 +276,40 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
         "judgments_not_ok": stats.judgments_not_ok, "examples": stats.examples,
         "skipped_uniform": stats.skipped_uniform, "skipped_margin": stats.skipped_margin,
         "skipped_incomplete": stats.skipped_incomplete,
+        **({"instantiation": stats.extra} if stats.extra else {}),
+        "diversity": diversity,
+        **({"sampling": s.sources.stats} if s.sources.stats else {}),
+        **({"dynamic_sampling": dynamic} if dynamic is not None else {}),
+        **({"selection": selection} if selection is not None else {}),
         "train": train,
+        "stage_seconds": meter.seconds, "stage_peak_rss_mb": meter.peak_rss_mb,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
     }
     write_json(rd / "metrics.json", metrics)
+    write_round_diagnostics(rd)
     s.console.print(f"round {r}: sample reward {metrics['sample_reward']:.3f}, {stats.examples} "
                     f"{recipe.instantiation.kind} examples ({stats.skipped_uniform} prompts all tied), "
                     f"loss {train.get('loss', float('nan')):.4f}")
     return metrics
+
+
+def _policy_moved(s: _Session, checkpoint: Path) -> None:
+    """A backend that holds its own copy of the policy (vLLM) loads the round's adapter."""
+    set_adapter = getattr(s.sources.policy, "set_adapter", None)
+    if set_adapter is not None and s.recipe.optimization.adapter is not None:
+        set_adapter(checkpoint)
+
+
+def policy_generator(recipe: Recipe, model: Any, tokenizer: Any, model_path: Path) -> Generator:
+    """The generator of the policy being trained, on the recipe's backend."""
+    syn = recipe.synthesis
+    if syn.backend == "openai":
+        url, name = split_server(syn.server or "")
+        return build_generator("openai", base_url=url, model=name, api_key_env=syn.api_key_env)
+    if syn.backend == "vllm":
+        return build_generator("vllm", model=str(model_path), seed=recipe.seed)
+    return build_generator("transformers", model=model, tokenizer=tokenizer, batch_size=syn.batch_size,
+                           model_name=str(model_path))
 
 
 def _round_done(rd: Path, fingerprint: str) -> bool:
@@ -213,6 +324,7 @@ def _resume_round(s: _Session, r: int, rd: Path) -> dict[str, Any]:
     load_checkpoint(s.model, rd / "checkpoint")
     for provider in s.providers:
         provider.load(rd / "checkpoint")
+    _policy_moved(s, rd / "checkpoint")
     s.console.print(f"round {r}: done earlier, loaded {rd / 'checkpoint'}")
     return yaml.safe_load((rd / "metrics.json").read_text())
 
@@ -228,6 +340,11 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     eval_fp = recipe.fingerprint("model", "seed", "task", "evaluation", "heldout")
 
     data = load_task(recipe.task, recipe.heldout.n)  # bad prompt files fail before any model work
+    if recipe.synthesis.uses("gold"):
+        missing = next((p for p in data.train if gold_response(p) is None), None)
+        if missing is not None:
+            raise AlignpipeError(f"synthesis.source {recipe.synthesis.source!r} needs a gold response for every "
+                                 f"prompt; prompt {missing.id} has none (a file task gives it as `response`)")
     model_path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(model_path)
     pool = list(data.train)
@@ -253,11 +370,15 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     ensure_reward_models(recipe.evaluation, console, recipe.seed)
     session.judges = LoopJudges(recipe, lambda: session.model, tokenizer, model_path, reference_model)
     session.chat_task = recipe.heldout.judge is not None or (
-        recipe.synthesis.backend != "offline" and not any(p.reference for p in data.heldout))
+        not recipe.synthesis.uses("offline") and not any(p.reference for p in data.heldout))
     before = session.heldout(data.heldout, eval_fp, "before")
     if not session.chat_task:
         console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
     session.model = attach_adapter(model, opt.adapter)
+    session.pool = pool
+    syn = recipe.synthesis
+    session.sources = CandidateSources(syn, policy_generator(recipe, session.model, tokenizer, model_path),
+                                       lambda ref: teacher_generator(ref, syn.batch_size, syn.api_key_env))
 
     rounds = []
     for r in range(recipe.rounds):
@@ -291,4 +412,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         "base_model": str(Path(model_path).resolve()),
     }
     write_json(run_dir / "summary.json", summary)
+    try:  # the run's results are written; a report that fails to render must not fail the run
+        console.print(f"report: {write_report([run_dir], run_dir / 'report.html')}")
+    except Exception as exc:  # noqa: BLE001
+        console.print(f"[yellow]warning: report.html not written: {type(exc).__name__}: {exc}")
     return summary

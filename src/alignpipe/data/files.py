@@ -62,8 +62,11 @@ def to_prompts(rows: list[dict], path: str | Path, instruction: str = "") -> lis
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise AlignpipeError(f"{path}: row {i}: field 'answer' must be text or a number")
         full = f"{text.strip()}\n{instruction}".strip() if instruction else text.strip()
+        meta = _rule_meta(row)
+        if isinstance(row.get("response"), str) and row["response"].strip():  # a gold response (self_play)
+            meta["response"] = row["response"]
         prompts.append(Prompt(id=str(row.get("id", f"file:{i}")), prompt=full, task=row.get("task", "math"),
-                              reference=None if answer is None else str(answer), meta=_rule_meta(row)))
+                              reference=None if answer is None else str(answer), meta=meta))
     return prompts
 
 

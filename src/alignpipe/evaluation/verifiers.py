@@ -1,4 +1,4 @@
-"""The model-free judges (math answer check, code execution, rules, imported human labels) under the one
+"""The model-free judges (math answer check, code execution, rules, imported human labels, provenance) under the one
 batched pointwise contract of `base.PointwiseJudge`: `score(items) -> judgments`, in order.
 
 Each verifier is written as a function of one `(Prompt, Candidate)`; `FunctionJudge` runs it over a batch
@@ -70,7 +70,13 @@ def verifier(name: str) -> FunctionJudge | CodeVerifierJudge | None:
         from alignpipe.evaluation.human_label import human_label
 
         return FunctionJudge(name, human_label)
+    if name == "provenance":
+        from alignpipe.evaluation.human_label import provenance
+
+        return FunctionJudge(name, provenance)
     return None
 
 
-VERIFIERS = ("math_verifier", "code_verifier", "rule_verifier", "human_label")
+VERIFIERS = ("math_verifier", "code_verifier", "rule_verifier", "human_label", "provenance")
+# the verifiers that check an answer's correctness (and so can score held-out answers)
+ANSWER_CHECKERS = ("math_verifier", "code_verifier", "rule_verifier")

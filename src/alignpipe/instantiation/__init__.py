@@ -199,6 +199,13 @@ def build_examples(cfg, prompts: list[Prompt], candidates: list[Candidate], judg
         examples, stats = reward_gap_pairs(prompts, candidates, judgments, chat_prompt, cfg.gap_eta, cfg.gap_tau,
                                            cfg.score)
         return examples, stats, PairExample
+    if cfg.kind == "pair" and cfg.pairs == "divpo":
+        from alignpipe.instantiation.divpo import divpo_pairs  # divpo builds on this module's helpers
+
+        examples, stats = divpo_pairs(prompts, candidates, judgments, chat_prompt,
+                                      threshold=None if cfg.divpo_rho else cfg.divpo_threshold, rho=cfg.divpo_rho,
+                                      diversity=cfg.divpo_diversity, dim=cfg.score, seed=seed)
+        return examples, stats, PairExample
     if cfg.kind == "pair":
         examples, stats = best_vs_worst_pairs(prompts, candidates, judgments, chat_prompt, cfg.min_margin, seed,
                                               cfg.score)

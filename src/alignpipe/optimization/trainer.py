@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from alignpipe.optimization.instances import Instances, Row
 from alignpipe.optimization.logprobs import SequenceLogps, sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, combined_loss
 from alignpipe.optimization.providers import InputProvider, RoundContext, providers_for, validate_options
+from alignpipe.optimization.round_signal import implicit_reward_signal, labelled, objective_beta
 from alignpipe.precision import resolve_precision
 from alignpipe.progress import progress
 
@@ -219,6 +221,12 @@ def optimize(
         fixed["ref_token_logps"] = reference_logps(model, flat, pad_id, cfg, "reference log-probs", reference_model)
     if any(s.needs_old_policy for s in specs):
         fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs")
+    signal: dict[str, float] = {}
+    measure = cfg.measure_signal and "ref_token_logps" in fixed
+    if measure:  # the implicit reward on the round's examples before its first step (round_signal.py)
+        before = fixed.get("old_token_logps") or completion_logps(model, flat, pad_id, cfg, "signal before")
+        signal |= labelled(implicit_reward_signal(instances.kind, before, fixed["ref_token_logps"],
+                                                  objective_beta(terms)), "before")
     ctx = RoundContext(model, tokenizer, instances, cfg, pad_id, accelerator.device, reference_model, moving)
     providers = round_providers(specs, instances.kind, cfg, providers if providers is not None else [])
     for provider in providers:
@@ -233,10 +241,14 @@ def optimize(
     rng = random.Random(seed)
     sums: dict[str, float] = defaultdict(float)
     steps = updates = 0
+    grad_norms: list[float] = []
+    tokens, train_seconds = 0, 0.0
 
     def step() -> None:
         nonlocal updates
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # the norm before clipping
+        if norm is not None:
+            grad_norms.append(float(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         updates += 1
@@ -247,6 +259,7 @@ def optimize(
         task = bar.add_task("training", total=-(-len(examples) // cfg.batch_size) * cfg.epochs, info="")
         for _epoch in range(cfg.epochs):
             for micro, indices in enumerate(_batches(len(examples), cfg.batch_size, rng)):
+                started = time.perf_counter()
                 batch = {k: v.to(accelerator.device) for k, v in collate(instances.batch_rows(indices), pad_id).items()}
                 live_ref = None
                 if moving is not None:  # before the policy forward: swapping weights would break its graph
@@ -267,10 +280,18 @@ def optimize(
                 if (micro + 1) % cfg.grad_accum == 0:
                     step()
                 steps += 1
+                train_seconds += time.perf_counter() - started
+                tokens += int(batch["attention_mask"].sum())
                 sums["loss"] += loss.item()
                 for k, v in metrics.items():
                     sums[k] += v.item()
                 bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
             if (micro + 1) % cfg.grad_accum:  # flush a partial accumulation at the end of an epoch
                 step()
-    return {"steps": steps, **{k: v / steps for k, v in sums.items()}}
+    if measure:
+        after = completion_logps(model, flat, pad_id, cfg, "signal after")
+        signal |= labelled(implicit_reward_signal(instances.kind, after, fixed["ref_token_logps"],
+                                                  objective_beta(terms)), "after")
+    timing = {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "step_time_s": train_seconds / steps,
+              "tokens_per_s": tokens / max(train_seconds, 1e-9)}
+    return {"steps": steps, **{k: v / steps for k, v in sums.items()}, **timing, **signal}

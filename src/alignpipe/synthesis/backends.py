@@ -16,16 +16,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": ..., "content": ...}, as in alignpipe.evaluation.base
+T = TypeVar("T")
 
 
 class BackendError(str):
@@ -191,11 +192,10 @@ class OpenAIBackend:
                 f"timeout={self.timeout}, max_retries={self.max_retries})")
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+        return auth_headers(self.api_key_env)
+
+    def _retry(self) -> RetryPolicy:
+        return RetryPolicy(self.timeout, self.max_retries, self.backoff, self.max_backoff)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -205,32 +205,12 @@ class OpenAIBackend:
     def complete(self, conversations: list[list[Message]], max_new_tokens: int = 256,
                  temperature: float = 0.0) -> list[str]:
         """Synchronous wrapper over `acomplete`; safe to call from inside a running event loop."""
-        coro_args = (conversations, max_new_tokens, temperature)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.acomplete(*coro_args))
-        box: dict[str, object] = {}
-
-        def runner() -> None:
-            try:
-                box["out"] = asyncio.run(self.acomplete(*coro_args))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-                box["exc"] = exc
-
-        thread = threading.Thread(target=runner, name="openai-backend", daemon=True)
-        thread.start()
-        thread.join()
-        if "exc" in box:
-            raise box["exc"]  # type: ignore[misc]
-        return box["out"]  # type: ignore[return-value]
+        return run_sync(lambda: self.acomplete(conversations, max_new_tokens, temperature))
 
     async def acomplete(self, conversations: list[list[Message]], max_new_tokens: int = 256,
                         temperature: float = 0.0) -> list[str]:
         semaphore = asyncio.Semaphore(self.concurrency)
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), limits=limits,
-                                     headers=self._headers()) as client:
+        async with async_client(self.concurrency, self.timeout, self.api_key_env) as client:
 
             async def one(conv: list[Message]) -> str:
                 async with semaphore:
@@ -242,35 +222,11 @@ class OpenAIBackend:
                        temperature: float) -> str:
         body = {**self.extra_body, "model": self.model, "messages": conv, "max_tokens": max_new_tokens,
                 "temperature": temperature}
-        reason = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count(retries=1)
-            self._count(requests=1)
-            retry_after: float | None = None
-            try:
-                resp = await asyncio.wait_for(client.post(self.url, json=body), self.timeout)
-            except (asyncio.TimeoutError, httpx.TimeoutException):
-                self._count(timeouts=1)
-                reason = f"timeout after {self.timeout:g}s"
-            except httpx.TransportError as exc:
-                reason = f"connection error: {type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code == 200:
-                    return self._parse(resp)
-                reason = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                if resp.status_code != 429 and resp.status_code < 500:
-                    break  # a client error: asking again gives the same answer
-                retry_after = _retry_after(resp)
-            if attempt < self.max_retries:
-                delay = min(self.backoff * 2**attempt, self.max_backoff)
-                if retry_after is not None:
-                    delay = min(max(delay, retry_after), self.max_backoff)
-                log.info("chat completion attempt %d failed (%s); retrying in %.2fs", attempt + 1, reason, delay)
-                await asyncio.sleep(delay)
+        result = await post_with_retries(client, self.url, body, self._retry(), self._count)
+        if result.ok:
+            return self._parse(result.response)
         self._count(failed=1)
-        log.warning("chat completion failed after %d attempt(s): %s", attempt + 1, reason)
-        return BackendError(f"{reason} (after {attempt + 1} attempt(s))")
+        return BackendError(f"{result.reason} (after {result.attempts} attempt(s))")
 
     def _parse(self, resp: httpx.Response) -> str:
         try:
@@ -282,6 +238,110 @@ class OpenAIBackend:
             self._count(failed=1)
             return BackendError("response has no text content")
         return content
+
+
+# ---------------------------------------------------------------- shared HTTP transport
+# Used by OpenAIBackend (judges) and synthesis.openai_generator (sampling): one retry loop, one key policy.
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Each attempt's deadline, and how often and how patiently a failed attempt is retried."""
+
+    timeout: float = 60.0
+    max_retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 20.0
+
+
+@dataclass
+class PostResult:
+    """The outcome of one request with its retries: the 200 answer, or the last failure's reason and
+    HTTP status (None for a timeout or connection error)."""
+
+    response: httpx.Response | None
+    reason: str
+    attempts: int
+    status: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.response is not None and self.response.status_code == 200
+
+
+def auth_headers(api_key_env: str | None) -> dict[str, str]:
+    """JSON headers, with a bearer token from the environment variable `api_key_env` when it is set (read at
+    each call; the key is never stored or logged)."""
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(api_key_env) if api_key_env else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def async_client(concurrency: int, timeout: float, api_key_env: str | None) -> httpx.AsyncClient:
+    """One connection pool sized to the concurrency bound."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits, headers=auth_headers(api_key_env))
+
+
+def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from synchronous code, also from inside a running event loop (then
+    in a helper thread, whose exception is re-raised here)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coro())
+    box: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            box["out"] = asyncio.run(make_coro())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["exc"] = exc
+
+    thread = threading.Thread(target=runner, name="openai-backend", daemon=True)
+    thread.start()
+    thread.join()
+    if "exc" in box:
+        raise box["exc"]
+    return box["out"]
+
+
+async def post_with_retries(client: httpx.AsyncClient, url: str, body: dict, policy: RetryPolicy,
+                            count: Callable[..., None] = lambda **_: None) -> PostResult:
+    """POST `body` as JSON. HTTP 429, 5xx, timeouts and connection errors are retried up to
+    `policy.max_retries` times with exponential backoff (`backoff * 2**attempt`, capped at `max_backoff`;
+    a 429's `Retry-After` is honoured up to the cap); other answers are returned at once. `count(**deltas)`
+    receives `requests`, `retries` and `timeouts` increments."""
+    reason, status = "", None
+    for attempt in range(policy.max_retries + 1):
+        if attempt:
+            count(retries=1)
+        count(requests=1)
+        retry_after: float | None = None
+        try:
+            resp = await asyncio.wait_for(client.post(url, json=body), policy.timeout)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            count(timeouts=1)
+            reason, status = f"timeout after {policy.timeout:g}s", None
+        except httpx.TransportError as exc:
+            reason, status = f"connection error: {type(exc).__name__}: {exc}", None
+        else:
+            if resp.status_code == 200:
+                return PostResult(resp, "", attempt + 1, 200)
+            reason, status = f"HTTP {resp.status_code}: {resp.text[:200]}", resp.status_code
+            if resp.status_code != 429 and resp.status_code < 500:
+                break  # a client error: asking again gives the same answer
+            retry_after = _retry_after(resp)
+        if attempt < policy.max_retries:
+            delay = min(policy.backoff * 2**attempt, policy.max_backoff)
+            if retry_after is not None:
+                delay = min(max(delay, retry_after), policy.max_backoff)
+            log.info("chat completion attempt %d failed (%s); retrying in %.2fs", attempt + 1, reason, delay)
+            await asyncio.sleep(delay)
+    log.warning("chat completion failed after %d attempt(s): %s", attempt + 1, reason)
+    return PostResult(None, reason, attempt + 1, status)
 
 
 def _retry_after(resp: httpx.Response) -> float | None:

@@ -1,13 +1,25 @@
-"""Batched generation with transformers: k samples per prompt, left padding, the model's chat template."""
+"""Batched generation with transformers: k samples per prompt, left padding, the model's chat template.
+
+With k > 1 samples per prompt, each prompt is prefilled once and its KV cache shared by its k samples
+(`alignpipe.synthesis.shared_prefill`); `shared_prefill=False` repeats the prompt k times instead.
+"""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignpipe.data.chat import format_prompt
+from alignpipe.data.chat import format_messages, format_prompt
 from alignpipe.progress import progress
 from alignpipe.records import Candidate, Prompt
+from alignpipe.synthesis.shared_prefill import generate_shared, supports_shared_prefill
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
+    """The prompt as training renders it: a multi-turn prompt (`meta["messages"]`) keeps its turns."""
+    if prompt.meta.get("messages"):
+        return format_messages(tokenizer, prompt.meta["messages"])
+    return format_prompt(tokenizer, prompt.prompt)
 
 
 @torch.no_grad()
@@ -23,17 +35,22 @@ def generate(
     seed: int = 0,
     source: dict | None = None,
     description: str = "generating",
+    shared_prefill: bool = True,
 ) -> list[Candidate]:
     """`samples_per_prompt` completions per prompt; temperature 0 means greedy.
 
-    Rows are sorted by prompt length so a batch pads little; the output order is prompt order, then
-    sample index. Same seed, same model, same machine: same completions.
+    Rows (prompt, sample) are sorted by prompt length so a batch pads little; `batch_size` counts rows.
+    The output order is prompt order, then sample index. Same seed, same model, same machine: same
+    completions. With `shared_prefill` (and k > 1) the rows of a prompt within a batch share one prefill
+    of the prompt; their tokens are the same as without it under greedy decoding.
     """
     was_training = model.training
     model.eval()
-    texts = [format_prompt(tokenizer, p.prompt) for p in prompts]
+    texts = [render_prompt(tokenizer, p) for p in prompts]
     rows = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
+    # stable: a prompt's rows stay together, so a batch holds few distinct prompts
     rows.sort(key=lambda r: len(texts[r[0]]))
+    shared = shared_prefill and samples_per_prompt > 1 and supports_shared_prefill(model)
     eos_ids = _eos_ids(model, tokenizer)
     results: dict[tuple[int, int], Candidate] = {}
     generator_seed = torch.Generator().manual_seed(seed)
@@ -42,8 +59,14 @@ def generate(
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-            outputs = generate_batch(model, tokenizer, [texts[i] for i, _ in batch], max_new_tokens,
-                                     temperature, top_p, eos_ids)
+            if shared:  # a prompt's rows are contiguous in `batch`, as generate_shared returns them
+                distinct = list(dict.fromkeys(i for i, _ in batch))
+                counts = [sum(1 for i, _ in batch if i == d) for d in distinct]
+                outputs = generate_shared(model, tokenizer, [texts[i] for i in distinct], counts, max_new_tokens,
+                                          temperature, top_p, eos_ids)
+            else:
+                outputs = generate_batch(model, tokenizer, [texts[i] for i, _ in batch], max_new_tokens,
+                                         temperature, top_p, eos_ids)
             for (i, j), (body, ended) in zip(batch, outputs, strict=True):
                 results[(i, j)] = Candidate(
                     prompt_id=prompts[i].id, id=f"{prompts[i].id}/{j}",
@@ -85,8 +108,13 @@ def generate_batch(
         temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
     )
+    return split_at_eos(out[:, enc["input_ids"].shape[1] :].tolist(), eos_ids)
+
+
+def split_at_eos(rows: list[list[int]], eos_ids: list[int]) -> list[tuple[list[int], bool]]:
+    """Per generated row: the tokens before the first EOS, and whether an EOS came."""
     results = []
-    for tokens in out[:, enc["input_ids"].shape[1] :].tolist():
+    for tokens in rows:
         ended = [n for n, t in enumerate(tokens) if t in eos_ids]
         results.append((tokens[: ended[0]] if ended else tokens, bool(ended)))
     return results
