@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,35 @@ def tok(tiny_model_path):
     from alignpipe.models import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture(autouse=True)
+def fp32_unless_asked(request, monkeypatch):
+    """`precision: auto` means bf16 autocast on a CPU with AVX512-BF16/AMX, and fp32 elsewhere. The tests compare
+    log-probs, losses and gradients with plain fp32/float64 references at tight tolerances, so they run `auto`
+    as fp32 on every machine; the bf16 paths are tested where a test asks for `bf16` explicitly, and the
+    detection itself in test_precision.py."""
+    if request.module.__name__.endswith("test_precision"):
+        return
+    from alignpipe import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+
+
+@pytest.fixture()
+def threaded_servers():
+    """`start(server)` serves a socketserver-style HTTP server on a daemon thread until the test ends."""
+    servers = []
+
+    def start(srv):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
 
 
 # ---------------------------------------------------------------- llama.cpp server

@@ -72,19 +72,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def server():
-    servers = []
-
-    def start(plan=(), delay=0.0):
-        srv = FakeOpenAI(plan, delay)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
+def server(threaded_servers):
+    return lambda plan=(), delay=0.0: threaded_servers(FakeOpenAI(plan, delay))
 
 
 def convs(*texts):

@@ -205,20 +205,12 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def chat_server():
-    servers = []
-
+def chat_server(threaded_servers):
     def start(mode, plan=()):
         forget_servers()
-        srv = ChatServer(mode, plan)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return srv
+        return threaded_servers(ChatServer(mode, plan))
 
     yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
     forget_servers()
 
 
@@ -309,5 +301,8 @@ def test_openai_generator_against_llama_cpp(llama_server):
     assert all(c.num_tokens is None or 1 <= c.num_tokens <= 8 for c in out)
     # llama-cpp-python answers one choice whatever n is; a server that honours n needs one request per prompt
     assert (gen.stats.requests, gen.stats.n_fallbacks) in {(2, 0), (4, 2)}
-    again = gen.sample(prompts, 2, temperature=0.8, top_p=0.95, max_new_tokens=8, seed=1, source={"source": "teacher"})
-    assert [c.completion for c in again] == [c.completion for c in out]  # seeded requests: the same samples
+    # a server promises no determinism: llama.cpp's output depends on what it cached from earlier requests,
+    # even greedy; a greedy request still gives one real answer per prompt
+    greedy = gen.sample(prompts, 1, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=1, source={"source": "teacher"})
+    assert [c.id for c in greedy] == ["a/0", "b/0"] and all(c.source["temperature"] == 0.0 for c in greedy)
+    assert all(c.completion.strip() for c in greedy)

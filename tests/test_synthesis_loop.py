@@ -163,3 +163,18 @@ def test_self_play_without_gold_fails_before_model_work(tmp_path, tiny_model_pat
     recipe.task.path = str(_prompts(tmp_path, response=False))
     with pytest.raises(AlignpipeError, match="needs a gold response"):
         run(recipe)
+
+
+def test_distill_from_a_llama_cpp_teacher_server(tmp_path, tiny_model_path, llama_server):
+    """Distillation with the teacher behind a real OpenAI-compatible server (llama.cpp on the embedded GGUF):
+    the teacher's answers are the chosen side of every pair and the SFT target."""
+    run(_recipe(tmp_path, tiny_model_path, synthesis={"source": "mixture", "max_new_tokens": 8, "mixture": [
+        {"source": "teacher", "k": 2, "model": f"{llama_server}#smollm2-135m-instruct", "temperature": 0.0},
+        {"source": "policy", "k": 1}]}, evaluation={"judge": "provenance"},
+        optimization={"objectives": [{"name": "sft"}]}))
+    cands, examples, metrics = _round(tmp_path)
+    teacher = cands[[s["source"] == "teacher" for s in cands["source"]]]
+    assert len(teacher) == 12 and all(s["backend"] == "openai" for s in teacher["source"])
+    assert teacher["completion"].str.len().gt(0).all() and metrics["sampling"]["failed"] == 0
+    assert len(examples) == 6 and set(examples["chosen"]) <= set(teacher["completion"])
+    assert metrics["train"]["steps"] > 0

@@ -5,11 +5,28 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from alignpipe import AlignpipeError
 from alignpipe.data import TaskData
 from alignpipe.records import Prompt
+
+
+def jsonl_objects(path: Path, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a jsonl file; a line that is not a JSON object is an
+    error naming the file and the line."""
+    with path.open() as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise AlignpipeError(f"{path}: line {i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise AlignpipeError(f"{path}: line {i}: expected {what}")
+            yield i, row
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -24,18 +41,7 @@ def read_rows(path: str | Path) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except Exception as exc:  # noqa: BLE001 - any pyarrow failure means an unreadable file
             raise AlignpipeError(f"{path}: not a readable parquet file ({exc})") from None
-    rows = []
-    with path.open() as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AlignpipeError(f"{path}: line {i}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise AlignpipeError(f"{path}: line {i}: expected a JSON object")
-            rows.append(row)
+    rows = [row for _, row in jsonl_objects(path)]
     if not rows:
         raise AlignpipeError(f"{path}: no rows")
     return rows

@@ -378,7 +378,11 @@ def round_diagnostics(round_dir: Path, recipe: dict | None = None) -> dict[str, 
     if metrics is not None:
         out["training"] = training_section(metrics)
         out["timing"] = timing_section(metrics)
-    return json_safe({k: out[k] for k in ("round", "candidates", "judgments", "examples", "training", "timing")})
+        # what the synthesis stage recorded: diversity, selection, dynamic sampling, verbalized parses
+        out["synthesis"] = {k: metrics[k] for k in ("diversity", "selection", "dynamic_sampling", "sampling")
+                            if k in metrics}
+    keys = ("round", "candidates", "judgments", "examples", "training", "timing", "synthesis")
+    return json_safe({k: out[k] for k in keys if k in out})
 
 
 def write_round_diagnostics(round_dir: Path, recipe: dict | None = None) -> dict[str, Any]:

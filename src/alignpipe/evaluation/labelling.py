@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe import AlignpipeError
+from alignpipe.data.files import jsonl_objects
 from alignpipe.records import Candidate, Judgment, PairExample, Prompt, read_records
 
 PREFERENCES = ("first", "second", "tie")
@@ -156,15 +157,7 @@ def read_labels(path: str | Path) -> list[Judgment]:
         raise AlignpipeError(f"labels file not found: {path}")
     names = {f.name for f in fields(Judgment)}
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AlignpipeError(f"{path}: line {i}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise AlignpipeError(f"{path}: line {i}: expected a JSON object (a judgment)")
+    for i, row in jsonl_objects(path, "a JSON object (a judgment)"):
         for name in ("prompt_id", "judge"):
             if not isinstance(row.get(name), str):
                 raise AlignpipeError(f"{path}: line {i}: field '{name}': missing or not text")
