@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import random
 import resource
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from alignpipe.evaluation import judge_candidates
 from alignpipe.evaluation.verifiers import ANSWER_CHECKERS
 from alignpipe.instantiation import build_examples, score_of
 from alignpipe.instantiation.round_selection import select_examples
-from alignpipe.instantiation.selection import dynamic_fill
 from alignpipe.instantiation.selection_inputs import pair_logps
 from alignpipe.judging import LoopJudges, ensure_reward_models, judge_stats
 from alignpipe.metering import StageMeter
@@ -49,29 +47,14 @@ from alignpipe.records import (
     Candidate,
     Judgment,
     Prompt,
-    read_records,
     write_json,
     write_records,
 )
+from alignpipe.stages import cached_stage, dynamic_sampling
 from alignpipe.synthesis.diversity import round_diversity
 from alignpipe.synthesis.generators import Generator, build_generator
 from alignpipe.synthesis.sources import CandidateSources, gold_response, split_server, teacher_generator
 from alignpipe.synthesis.transformers_backend import generate
-
-
-def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], list],
-                 redo: Callable[[list], bool] | None = None) -> list:
-    """Read `path` if it was written with this fingerprint (and `redo` of its records is not true); otherwise
-    compute, write atomically, record."""
-    stamp = path.with_name(path.name + ".fingerprint")
-    if path.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
-        records = read_records(path, cls)
-        if redo is None or not redo(records):
-            return records
-    records = compute()
-    write_records(path, records, cls)
-    stamp.write_text(fingerprint)
-    return records
 
 
 def heldout_greedy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path: Path, fingerprint: str,  # noqa: ANN001
@@ -175,59 +158,6 @@ class _Session:
                                 aggregate=ev.aggregate, both_orders=ev.both_orders, seed=self.recipe.seed + r)
 
 
-def _pointwise_scores(candidates: list[Candidate], judgments: list[Judgment], dim: str | None,
-                      ) -> dict[str, list[float]]:
-    """Per prompt, the scores of its candidates that have an ok pointwise judgment."""
-    by_cand = {j.candidate_ids[0]: j for j in judgments if len(j.candidate_ids) == 1 and j.status == "ok"}
-    out: dict[str, list[float]] = {}
-    for c in candidates:
-        out.setdefault(c.prompt_id, [])
-        if c.id in by_cand:
-            out[c.prompt_id].append(score_of(by_cand[c.id], dim))
-    return out
-
-
-def _dynamic_sampling(s: _Session, r: int, rd: Path, fingerprint: str, judge: Any, prompts: list[Prompt],
-                      candidates: list[Candidate], judgments: list[Judgment]) -> tuple[list, list, list, dict]:
-    """DAPO's dynamic sampling (arXiv 2503.14476): a prompt whose candidates all tie carries no signal, so it
-    is replaced by fresh prompts, sampled and judged like the others, until the round has prompts_per_round
-    informative prompts or `synthesis.dynamic_sampling` extra passes were made. Each pass is cached under
-    round-NN/dynamic-A-*. Ties are read from pointwise judgments (a pairwise judge has no per-candidate score:
-    then nothing is replaced)."""
-    dim = s.recipe.instantiation.score
-    if not any(len(j.candidate_ids) == 1 for j in judgments):
-        return prompts, candidates, judgments, {"stop": "no_pointwise_scores"}
-    extra_prompts: list[Prompt] = []
-    extra_candidates: list[Candidate] = []
-    extra_judgments: list[Judgment] = []
-    used = [0]
-    seen = {p.id for p in prompts}
-
-    def sample(n: int) -> dict[str, list[float]]:
-        fresh = [p for p in s.fresh_prompts(r, used[0], n) if p.id not in seen]
-        used[0] += n
-        seen.update(p.id for p in fresh)
-        if not fresh:
-            return {}
-        fp = f"{fingerprint}:dynamic{used[0]}"
-        write_records(rd / f"dynamic-{used[0]:05d}-prompts.parquet", fresh, Prompt)
-        cands = cached_stage(rd / f"dynamic-{used[0]:05d}-candidates.parquet", fp, Candidate,
-                             lambda: s.sample(fresh, r, seed_offset=used[0] * 7907))
-        js = cached_stage(rd / f"dynamic-{used[0]:05d}-judgments.parquet", fp, Judgment,
-                          lambda: s.judge(judge, fresh, cands, r))
-        extra_prompts.extend(fresh)
-        extra_candidates.extend(cands)
-        extra_judgments.extend(js)
-        return _pointwise_scores(cands, js, dim)
-
-    kept, stats = dynamic_fill(_pointwise_scores(candidates, judgments, dim), len(prompts), sample,
-                               max_attempts=s.recipe.synthesis.dynamic_sampling)
-    keep = set(kept)
-    return ([p for p in prompts + extra_prompts if p.id in keep],
-            [c for c in candidates + extra_candidates if c.prompt_id in keep],
-            [j for j in judgments + extra_judgments if j.prompt_id in keep], stats)
-
-
 def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> dict[str, Any]:
     """One round of the four stages; each stage's output is cached under round-NN/."""
     recipe, rd = s.recipe, s.run_dir / f"round-{r:02d}"
@@ -244,8 +174,10 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     dynamic = None
     if recipe.synthesis.dynamic_sampling:
         with meter.stage("dynamic_sampling"):
-            prompts, candidates, judgments, dynamic = _dynamic_sampling(s, r, rd, fingerprint, judge, prompts,
-                                                                        candidates, judgments)
+            prompts, candidates, judgments, dynamic = dynamic_sampling(
+                rd, fingerprint, prompts, candidates, judgments, fresh_prompts=lambda used, n: s.fresh_prompts(r, used, n),
+                sample=lambda ps, offset: s.sample(ps, r, offset), judge=lambda ps, cs: s.judge(judge, ps, cs, r),
+                max_passes=recipe.synthesis.dynamic_sampling, dim=recipe.instantiation.score)
     with meter.stage("judging"):
         reads_baseline = any("baseline_rewards" in OBJECTIVES[t.name].inputs for t in recipe.optimization.objectives)
         baselines = s.greedy_baselines(prompts, r, rd, fingerprint) if reads_baseline else None

@@ -1,0 +1,87 @@
+"""Cached stages of a round: a stage's records are read back when they were written with the same
+fingerprint, so a killed run resumes where it stopped; and DAPO's dynamic sampling, which repeats the
+sampling and judging stages on fresh prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from alignpipe.instantiation import score_of
+from alignpipe.instantiation.selection import dynamic_fill
+from alignpipe.records import Candidate, Judgment, Prompt, read_records, write_records
+
+
+def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], list],
+                 redo: Callable[[list], bool] | None = None) -> list:
+    """Read `path` if it was written with this fingerprint (and `redo` of its records is not true); otherwise
+    compute, write atomically, record."""
+    stamp = path.with_name(path.name + ".fingerprint")
+    if path.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
+        records = read_records(path, cls)
+        if redo is None or not redo(records):
+            return records
+    records = compute()
+    write_records(path, records, cls)
+    stamp.write_text(fingerprint)
+    return records
+
+
+
+def _pointwise_scores(candidates: list[Candidate], judgments: list[Judgment], dim: str | None,
+                      ) -> dict[str, list[float]]:
+    """Per prompt, the scores of its candidates that have an ok pointwise judgment."""
+    by_cand = {j.candidate_ids[0]: j for j in judgments if len(j.candidate_ids) == 1 and j.status == "ok"}
+    out: dict[str, list[float]] = {}
+    for c in candidates:
+        out.setdefault(c.prompt_id, [])
+        if c.id in by_cand:
+            out[c.prompt_id].append(score_of(by_cand[c.id], dim))
+    return out
+
+
+def dynamic_sampling(rd: Path, fingerprint: str, prompts: list[Prompt], candidates: list[Candidate],
+                     judgments: list[Judgment], *, fresh_prompts: Callable[[int, int], list[Prompt]],
+                     sample: Callable[[list[Prompt], int], list[Candidate]],
+                     judge: Callable[[list[Prompt], list[Candidate]], list[Judgment]], max_passes: int,
+                     dim: str | None = None) -> tuple[list, list, list, dict]:
+    """DAPO's dynamic sampling (arXiv 2503.14476): a prompt whose candidates all tie carries no signal, so it
+    is replaced by fresh prompts, sampled and judged like the others, until the round has prompts_per_round
+    informative prompts or `synthesis.dynamic_sampling` extra passes were made. Each pass is cached under
+    round-NN/dynamic-NNNNN-* (NNNNN: fresh prompts drawn so far). Ties are read from pointwise judgments (a
+    pairwise judge has no per-candidate score: then nothing is replaced).
+
+    `fresh_prompts(used, n)`: n prompts after the `used` already drawn; `sample(prompts, seed_offset)` and
+    `judge(prompts, candidates)`: the round's own sampling and judging. Returns the informative prompts with
+    their candidates and judgments, and dynamic_fill's counts."""
+    if not any(len(j.candidate_ids) == 1 for j in judgments):
+        return prompts, candidates, judgments, {"stop": "no_pointwise_scores"}
+    extra_prompts: list[Prompt] = []
+    extra_candidates: list[Candidate] = []
+    extra_judgments: list[Judgment] = []
+    used = [0]
+    seen = {p.id for p in prompts}
+
+    def draw(n: int) -> dict[str, list[float]]:
+        fresh = [p for p in fresh_prompts(used[0], n) if p.id not in seen]
+        used[0] += n
+        seen.update(p.id for p in fresh)
+        if not fresh:
+            return {}
+        fp = f"{fingerprint}:dynamic{used[0]}"
+        write_records(rd / f"dynamic-{used[0]:05d}-prompts.parquet", fresh, Prompt)
+        cands = cached_stage(rd / f"dynamic-{used[0]:05d}-candidates.parquet", fp, Candidate,
+                             lambda: sample(fresh, used[0] * 7907))
+        js = cached_stage(rd / f"dynamic-{used[0]:05d}-judgments.parquet", fp, Judgment,
+                          lambda: judge(fresh, cands))
+        extra_prompts.extend(fresh)
+        extra_candidates.extend(cands)
+        extra_judgments.extend(js)
+        return _pointwise_scores(cands, js, dim)
+
+    kept, stats = dynamic_fill(_pointwise_scores(candidates, judgments, dim), len(prompts), draw,
+                               max_attempts=max_passes)
+    keep = set(kept)
+    return ([p for p in prompts + extra_prompts if p.id in keep],
+            [c for c in candidates + extra_candidates if c.prompt_id in keep],
+            [j for j in judgments + extra_judgments if j.prompt_id in keep], stats)
