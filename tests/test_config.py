@@ -79,18 +79,20 @@ def test_recipe_asking_for_inputs_the_examples_lack_fails_at_load(tmp_path, monk
         load_recipe(path)
 
 
-def test_builtin_recipes_all_load(tiny_model_path):
+def test_builtin_recipes_all_load(tiny_model_path, tmp_path, monkeypatch):
     from pathlib import Path
 
     import alignpipe
 
     for path in (Path(alignpipe.__file__).parent / "recipes").glob("*.yaml"):
         if path.stem == "distill":  # its teacher is the quickstart run's model, which a fresh checkout lacks
+            monkeypatch.chdir(tmp_path)  # (runs/ is relative to where alignpipe runs)
             with pytest.raises(AlignpipeError, match=r"synthesis: .*runs/quickstart/final_model.*alignpipe run "
                                                       r"quickstart"):
                 load_recipe(path)
             teacher = [{"source": "teacher", "k": 2, "model": str(tiny_model_path)}, {"source": "policy", "k": 2}]
             assert load_recipe(path, {"synthesis.mixture": teacher}).name == "distill"
+            monkeypatch.undo()
             continue
         assert load_recipe(path).name == path.stem
 

@@ -194,10 +194,10 @@ class SynthesisConfig(Strict):
 
             reason = check_backend_available("vllm")
             if reason:
-                raise ValueError(reason)
-        for spec in self.source_specs():
+                raise ValueError(f"backend 'vllm': {reason}")
+        for i, spec in enumerate(self.source_specs()):
             if spec.source == "teacher":
-                _check_model_ref(spec.model or "", "teacher")
+                _check_model_ref(spec.model or "", f"mixture.{i}.model" if self.mixture else "teacher")
         return self
 
     def source_specs(self) -> list[SourceSpec]:
@@ -221,12 +221,12 @@ def _check_model_ref(ref: str, what: str) -> None:
     """A model is a local directory or URL#MODEL; a directory that does not exist fails at load time."""
     if ref.startswith(("http://", "https://")):
         if "#" not in ref:
-            raise ValueError(f"{what} {ref!r}: a server is given as URL#MODEL")
+            raise ValueError(f"{what}: {ref!r}: a server is given as URL#MODEL")
         return
     if not Path(ref).expanduser().is_dir():
         hint = " (run `alignpipe run quickstart` first: it writes that model)" if \
             Path(ref).as_posix().endswith("quickstart/final_model") else ""
-        raise ValueError(f"{what} model directory {ref!r} does not exist{hint}")
+        raise ValueError(f"{what}: model directory {ref!r} does not exist{hint}")
 
 
 def _check_judge_spec(spec: str, reward_model_pairs: str | None = None) -> str:
