@@ -86,13 +86,13 @@ def test_builtin_recipes_all_load(tiny_model_path, tmp_path, monkeypatch):
 
     for path in (Path(alignpipe.__file__).parent / "recipes").glob("*.yaml"):
         if path.stem == "distill":  # its teacher is the quickstart run's model, which a fresh checkout lacks
-            monkeypatch.chdir(tmp_path)  # (runs/ is relative to where alignpipe runs)
-            with pytest.raises(AlignpipeError, match=r"synthesis: .*runs/quickstart/final_model.*alignpipe run "
-                                                      r"quickstart"):
-                load_recipe(path)
+            with monkeypatch.context() as m:
+                m.chdir(tmp_path)  # runs/ is relative to where alignpipe runs
+                with pytest.raises(AlignpipeError, match=r"synthesis: .*runs/quickstart/final_model.*alignpipe run "
+                                                          r"quickstart"):
+                    load_recipe(path)
             teacher = [{"source": "teacher", "k": 2, "model": str(tiny_model_path)}, {"source": "policy", "k": 2}]
             assert load_recipe(path, {"synthesis.mixture": teacher}).name == "distill"
-            monkeypatch.undo()
             continue
         assert load_recipe(path).name == path.stem
 
