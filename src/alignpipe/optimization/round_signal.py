@@ -4,7 +4,7 @@ Measured on the round's own examples with the policy before its first step and a
 report can show "the pairs the policy got wrong before the round, and after it":
 
 - implicit reward of a completion (DPO, arXiv 2305.18290): r(y) = beta * (log pi(y|x) - log ref(y|x)),
-  token sums; on pairs the accuracy is the share with r(y_w) > r(y_l) and the margin is the mean of
+  token sums; on pairs the accuracy is the share with r(y_w) > r(y_l), ties half, and the margin is the mean of
   r(y_w) - r(y_l). `beta` is the recipe's first objective's beta (0.1 where none has one).
 - KL to the reference, the k1 estimate on the round's completions: mean over completions of the token sum of
   log pi - log ref. The completions were sampled from the round-start policy, so it is an estimate of the
@@ -36,7 +36,8 @@ def implicit_reward_signal(kind: str, policy_token_logps: list[torch.Tensor], re
     out = {"kl_ref": ratio.mean().item()}
     if kind == "pair":
         chosen, rejected = beta * ratio[0::2], beta * ratio[1::2]
-        out["reward_acc"] = (chosen > rejected).float().mean().item()
+        # a tie (the policy still equal to its reference, as before a fresh LoRA's first step) counts half
+        out["reward_acc"] = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
         out["reward_margin"] = (chosen - rejected).mean().item()
     return out
 
