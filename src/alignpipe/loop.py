@@ -163,8 +163,10 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     recipe, rd = s.recipe, s.run_dir / f"round-{r:02d}"
     meter = StageMeter()
     write_records(rd / "prompts.parquet", prompts, Prompt)
+    s.sources.stats = {}  # stays empty when the candidates are read back from an earlier run
     with meter.stage("sampling"):
         candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: s.sample(prompts, r))
+    sampling_stats = dict(s.sources.stats)  # the round's own prompts (dynamic sampling's passes come after)
     judge = s.judges.for_round(rd)
     with meter.stage("judging"):
         judgments = cached_stage(rd / "judgments.parquet", fingerprint, Judgment,
@@ -210,7 +212,7 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
         "skipped_incomplete": stats.skipped_incomplete,
         **({"instantiation": stats.extra} if stats.extra else {}),
         "diversity": diversity,
-        **({"sampling": s.sources.stats} if s.sources.stats else {}),
+        **({"sampling": sampling_stats} if sampling_stats else {}),
         **({"dynamic_sampling": dynamic} if dynamic is not None else {}),
         **({"selection": selection} if selection is not None else {}),
         "train": train,
