@@ -9,33 +9,28 @@ import logging
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from http_fakes import LocalServer, reply_json
 
 from alignpipe.synthesis.backends import BackendError, OpenAIBackend, TransformersBackend
 
 KEY = "sk-test-do-not-log-1234"
 
 
-class FakeOpenAI(ThreadingHTTPServer):
+class FakeOpenAI(LocalServer):
     """`POST /v1/chat/completions`: answers from `plan` (a list of (status, delay_s) consumed per request,
     then 200), echoing the last user message. Records headers, bodies and the peak number in flight."""
 
-    daemon_threads = True
-
     def __init__(self, plan=(), delay=0.0):
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(Handler)
         self.plan = list(plan)
         self.delay = delay
         self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.times: list[float] = []
         self.in_flight = self.peak = 0
-
-    @property
-    def base_url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -58,12 +53,7 @@ class Handler(BaseHTTPRequestHandler):
             text = "echo: " + body["messages"][-1]["content"]
             payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                     "finish_reason": "stop"}]} if status == 200 else {"error": "nope"}
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            reply_json(self, status, payload)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
             pass
         finally:

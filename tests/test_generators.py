@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from http_fakes import LocalServer, reply_json
 from tiny import perturb
 
 import alignpipe.synthesis.transformers_backend as tb
@@ -163,20 +164,14 @@ def test_vllm_without_vllm_or_gpu_is_a_clear_error(tiny_model_path):
 # ---------------------------------------------------------------- openai: a local stdlib server
 
 
-class ChatServer(ThreadingHTTPServer):
+class ChatServer(LocalServer):
     """`POST /v1/chat/completions`. `mode`: "n" honours n; "ignore" always answers one choice; "refuse"
     answers 400 to a request with n > 1. `plan`: statuses for the first requests that reach it (then 200).
     Each choice's text names the request's seed and the choice index."""
 
-    daemon_threads = True
-
     def __init__(self, mode: str, plan=()):
-        super().__init__(("127.0.0.1", 0), ChatHandler)
+        super().__init__(ChatHandler)
         self.mode, self.plan, self.lock, self.bodies = mode, list(plan), threading.Lock(), []
-
-    @property
-    def base_url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -196,12 +191,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         choices = [{"index": i, "message": {"role": "assistant", "content": f"{body['seed']}/{i}"},
                     "finish_reason": "length" if i == 0 else "stop"} for i in range(count)]
         payload = {"choices": choices, "usage": {"completion_tokens": 5 * count}} if status == 200 else {"error": "no"}
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply_json(self, status, payload)
 
 
 @pytest.fixture()
