@@ -16,9 +16,14 @@ def run_cli(*args, cwd):
     ("task:\n  kind: file\n  path: bad.jsonl\n", "bad.jsonl: line 2: not valid JSON"),
     ("synthesis:\n  temprature: 1\n", "synthesis.temprature: Extra inputs are not permitted"),
     ("model: /no/such/model\n", "model path does not exist: /no/such/model"),
+    # the message quotes the value in brackets: printed as text, not read as console markup
+    ("task:\n  kind: arithmetic\n  digits: [5, 2]\n", "a range is [low, high] with 0 <= low <= high, got [5, 2]"),
+    ("optimization:\n  objectives: [{name: dpo, beta: -1}]\n", "objective 'dpo': beta must be >= 0, got -1"),
+    ("output_dir: out.txt\n", "output_dir 'out.txt': cannot create out.txt/run"),
 ])
 def test_bad_input_one_line_error(tmp_path, recipe, expected):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n{oops\n')
+    (tmp_path / "out.txt").write_text("a file where the output folder would go")
     (tmp_path / "r.yaml").write_text(recipe)
     result = run_cli("run", "r.yaml", cwd=tmp_path)
     assert result.returncode != 0
@@ -31,3 +36,10 @@ def test_missing_recipe_file(tmp_path):
     result = run_cli("run", "nope.yaml", cwd=tmp_path)
     assert result.returncode != 0 and "recipe file not found: nope.yaml" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    (tmp_path / "r.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    result = run_cli("run", "r.yaml", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "r.yaml: not UTF-8 text (byte 0xe9 at offset 9); save the recipe as UTF-8" in result.stderr

@@ -260,7 +260,8 @@ def main() -> None:
     try:
         app()
     except AlignpipeError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # markup=False: messages quote recipe values such as "[5, 2]", which rich would read as style tags
+        Console(stderr=True).print(f"error: {exc}", style="red", highlight=False, soft_wrap=True, markup=False)
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted: run the same command again to resume")

@@ -444,9 +444,21 @@ class OptimizationConfig(Strict):
                 numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
                 if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
                     raise ValueError(f"objective {term.name!r}: {key} must be a number, got {value!r}")
+                if numeric and key in NON_NEGATIVE_PARAMS and (value < 0 or value != value):
+                    raise ValueError(f"objective {term.name!r}: {key} must be >= 0, got {value!r}")
                 if isinstance(default, bool) and not isinstance(value, bool):
                     raise ValueError(f"objective {term.name!r}: {key} must be true or false, got {value!r}")
         return terms
+
+
+# objective hyperparameters that are scales, weights, coefficients, clips or counts: a negative value is a typo
+# that would otherwise train (e.g. `beta: -1` flips DPO's preference). `alpha` is not here: R-DPO's length term
+# may take either sign.
+NON_NEGATIVE_PARAMS = frozenset({
+    "beta", "tau", "epsilon", "eps", "eps_low", "eps_high", "label_smoothing", "gamma", "gamma_beta_ratio",
+    "delta", "lam", "center_coef", "vf_coef", "value_clip", "reward_clip", "score_clip", "sinkhorn_iters",
+    "sinkhorn_tol", "desirable_weight", "undesirable_weight", "sft_weight", "rank_weight", "lagrange_lambda",
+    "margin_scale", "length_penalty"})
 
 
 class HeldoutEval(Strict):
@@ -542,7 +554,10 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
         else:
             raise AlignpipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise AlignpipeError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                             f"save the recipe as UTF-8") from None
     except yaml.YAMLError as exc:
         raise AlignpipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

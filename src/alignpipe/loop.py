@@ -267,7 +267,10 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) the closed loop of `recipe`; returns the summary written to summary.json."""
     console = console or Console()
     run_dir = Path(recipe.output_dir) / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AlignpipeError(f"output_dir {recipe.output_dir!r}: cannot create {run_dir} ({exc.strerror})") from None
     (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     base_fp = recipe.fingerprint("model", "seed", "task", "synthesis", "evaluation", "instantiation",
                                  "optimization")
