@@ -43,3 +43,27 @@ def test_recipe_that_is_not_utf8(tmp_path):
     result = run_cli("run", "r.yaml", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "r.yaml: not UTF-8 text (byte 0xe9 at offset 9); save the recipe as UTF-8" in result.stderr
+
+
+@pytest.mark.parametrize("broken, expected", [
+    ("config", "config.json is not valid JSON"),
+    ("tokenizer", "no tokenizer files (expected one of tokenizer.json"),
+    ("weights", "no weights (expected one of model.safetensors"),
+])
+def test_broken_model_directory(tmp_path, tiny_model_path, broken, expected):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    if broken == "config":
+        (model / "config.json").write_text("{bad")
+    elif broken == "tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (model / name).unlink()
+    else:
+        (model / "model.safetensors").unlink()
+    (tmp_path / "r.yaml").write_text(f"model: {model}\n")
+    result = run_cli("run", "r.yaml", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
+    err_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(err_lines) == 1 and f"model {model}: {expected}" in err_lines[0], result.stderr

@@ -80,7 +80,30 @@ def resolve_model_path(model: str | None) -> Path:
         raise AlignpipeError(f"model path does not exist: {model} (models load from a local path; no hub access)")
     if not (path / "config.json").is_file():
         raise AlignpipeError(f"{model} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(path)
     return path.resolve()
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(path: Path) -> None:
+    """A model directory that cannot load fails here, naming the directory and what is wrong, instead of deep
+    inside transformers (a broken config.json is an OSError there; a missing tokenizer is reported as a missing
+    sentencepiece)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AlignpipeError(f"model {path}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise AlignpipeError(f"model {path}: config.json has no model_type (not a transformers model config)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise AlignpipeError(f"model {path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise AlignpipeError(f"model {path}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
