@@ -31,6 +31,22 @@ def test_arithmetic_is_seeded():
     assert [p.id for p in a.heldout] == [p.id for p in b.heldout] != [p.id for p in c.heldout]
 
 
+def test_large_operand_spaces_are_sampled_not_enumerated():
+    """4-digit pairs are 81 million problems: sampled (seeded), split by hash, so the pools stay disjoint."""
+    from alignpipe.data.arithmetic import MAX_ENUMERATED, pools
+
+    task = ArithmeticTask(ops=["+"], digits=(4, 4))
+    train, held = pools(task)["+"]
+    assert len(train) + len(held) <= MAX_ENUMERATED and not set(train) & set(held)
+    assert all(1000 <= x <= 9999 for combo in train[:100] + held[:100] for x in combo)
+    assert pools(task)["+"] == (train, held)  # seeded: the same sample every time
+    data = load_task(task, 50)
+    assert not {p.meta["expression"] for p in data.heldout} & {p.meta["expression"] for p in data.train}
+    # small spaces are still enumerated whole: 90 x 90 two-digit pairs
+    small_train, small_held = pools(ArithmeticTask(ops=["+"]))["+"]
+    assert len(small_train) + len(small_held) == 90 * 90
+
+
 def test_arithmetic_digit_ranges_and_operands():
     data = load_task(ArithmeticTask(ops=["+"], operands=3, digits=(1, 1)), 10)
     for p in data.heldout:

@@ -35,13 +35,27 @@ def _problem(operands: tuple[int, ...], op: str, instruction: str) -> Prompt:
                   meta={"op": op, "expression": expr})
 
 
+# operand spaces up to this size are enumerated; larger ones (4-digit pairs: 81 million) are sampled, since a run
+# draws at most tens of thousands of problems and enumerating took minutes and gigabytes
+MAX_ENUMERATED = 100_000
+
+
+def _combos(values: range, operands: int, seed: str) -> list[tuple[int, ...]]:
+    if len(values) ** operands <= MAX_ENUMERATED:
+        return list(itertools.product(values, repeat=operands))
+    rng = random.Random(seed)  # a str seed is hashed deterministically (sha512), unlike hash()
+    drawn = dict.fromkeys(tuple(rng.choice(values) for _ in range(operands)) for _ in range(MAX_ENUMERATED))
+    return list(drawn)
+
+
 def pools(task) -> dict[str, tuple[list[tuple[int, ...]], list[tuple[int, ...]]]]:  # noqa: ANN001
-    """Per operation: (train operand tuples, held-out operand tuples)."""
+    """Per operation: (train operand tuples, held-out operand tuples); the split is a hash of the problem's
+    text, so a sampled space keeps the two pools disjoint too."""
     out = {}
     for op in task.ops:
         values = _operands(op, tuple(task.digits), tuple(task.mul_range))
         train, held = [], []
-        for combo in itertools.product(values, repeat=task.operands):
+        for combo in _combos(values, task.operands, f"{task.seed}:{op}"):
             expr = f" {op} ".join(str(x) for x in combo)
             (held if _in_heldout(expr) else train).append(combo)
         out[op] = (train, held)
