@@ -67,3 +67,18 @@ def test_broken_model_directory(tmp_path, tiny_model_path, broken, expected):
     assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
     err_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(err_lines) == 1 and f"model {model}: {expected}" in err_lines[0], result.stderr
+
+
+def test_a_run_that_fails_at_load_leaves_the_run_directory_alone(tmp_path):
+    """A rerun whose prompts file or model is bad keeps the finished run's config.yaml; a first run that
+    fails at load creates no directory."""
+    done = tmp_path / "runs" / "done"
+    done.mkdir(parents=True)
+    (done / "config.yaml").write_text("name: done  # what produced this run's model\n")
+    for name, recipe in (("done", "task: {kind: file, path: missing.jsonl}\n"), ("done", "model: /no/such/model\n"),
+                         ("fresh", "task: {kind: file, path: missing.jsonl}\n")):
+        (tmp_path / "r.yaml").write_text(f"name: {name}\n{recipe}")
+        result = run_cli("run", "r.yaml", cwd=tmp_path)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (done / "config.yaml").read_text() == "name: done  # what produced this run's model\n"
+    assert not (tmp_path / "runs" / "fresh").exists()

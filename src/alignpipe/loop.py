@@ -267,11 +267,6 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) the closed loop of `recipe`; returns the summary written to summary.json."""
     console = console or Console()
     run_dir = Path(recipe.output_dir) / recipe.name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AlignpipeError(f"output_dir {recipe.output_dir!r}: cannot create {run_dir} ({exc.strerror})") from None
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     base_fp = recipe.fingerprint("model", "seed", "task", "synthesis", "evaluation", "instantiation",
                                  "optimization")
     eval_fp = recipe.fingerprint("model", "seed", "task", "evaluation", "heldout")
@@ -284,6 +279,13 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                                  f"prompt; prompt {missing.id} has none (a file task gives it as `response`)")
     model_path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(model_path)
+    # only now, with data and model known good: a rerun that fails at load leaves a finished run's config.yaml
+    # as it was, and a first run that fails at load leaves no directory behind
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AlignpipeError(f"output_dir {recipe.output_dir!r}: cannot create {run_dir} ({exc.strerror})") from None
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     pool = list(data.train)
     random.Random(recipe.seed).shuffle(pool)
     per_round = recipe.synthesis.prompts_per_round
