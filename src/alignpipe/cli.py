@@ -232,9 +232,8 @@ def label_agreement(
     json_out: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
 ) -> None:
     """Agreement and Cohen's kappa between labellers, and agreement of each with the dataset's labels."""
-    from alignpipe.evaluation.judge_eval import json_safe
     from alignpipe.evaluation.labelling import agreement_rows
-    from alignpipe.records import write_json
+    from alignpipe.records import json_safe, write_json
 
     rows = agreement_rows(labels, input_path)
     table = Table(title="label agreement (items both labelled; skips left out)")

@@ -7,6 +7,7 @@ Field names follow TRL's dataset conventions where one exists (`prompt`, `comple
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -133,6 +134,18 @@ def read_records(path: str | Path, cls: type[R]) -> list[R]:
                 row[k] = json.loads(row[k])
         out.append(cls(**row))
     return out
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (strict JSON has no NaN), keys as text, tuples as
+    lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_json(path: str | Path, obj: Any) -> None:

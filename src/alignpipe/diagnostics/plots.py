@@ -24,7 +24,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("margin", "Pair margin (mean score gap)", "margin", [("margin mean", "examples.margin.mean")]),
     ("distinct_2", "Distinct-2 of the candidates", "distinct-2", [("distinct-2", "candidates.distinct_2")]),
     ("overlap", "Within-prompt overlap of the candidates", "share",
-     [("bigram overlap", "synthesis.diversity.pairwise_overlap_2"), ("duplicates", "synthesis.diversity.duplicate_rate")]),
+     [("bigram overlap", "candidates.pairwise_overlap_2"), ("duplicates", "candidates.duplicate_rate")]),
     ("selection", "Selection: examples considered and kept", "count",
      [("considered", "synthesis.selection.considered"), ("kept", "synthesis.selection.kept")]),
     ("truncation", "Truncation rate (no EOS within max_new_tokens)", "share",

@@ -19,9 +19,9 @@ import yaml
 
 from alignpipe import AlignpipeError, __version__
 from alignpipe.diagnostics.plots import lookup, panel_data, panel_svg
-from alignpipe.diagnostics.rounds import SOURCES, json_safe, round_diagnostics, round_index
+from alignpipe.diagnostics.rounds import SOURCES, round_diagnostics, round_index
 from alignpipe.instantiation import score_of
-from alignpipe.records import Candidate, Judgment, Prompt, read_records
+from alignpipe.records import Candidate, Judgment, Prompt, json_safe, read_records
 
 EXAMPLE_PROMPTS = 3
 EXAMPLE_CANDIDATES = 3

@@ -36,10 +36,11 @@ from alignpipe.records import (
     Judgment,
     PairExample,
     PointExample,
+    json_safe,
     read_records,
     write_json,
 )
-from alignpipe.synthesis.diversity import distinct_n, duplicate_rate
+from alignpipe.synthesis.diversity import distinct_n, round_diversity
 
 # the trainer's figures of a round (optimization/trainer.py): KL to the reference and the implicit-reward accuracy
 # and margin on the round's own pairs, before and after the round's updates
@@ -61,17 +62,6 @@ class _Missing(Exception):
 
 def _finite(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
-
-
-def json_safe(obj: Any) -> Any:
-    """`obj` with every non-finite float replaced by None (JSON has no NaN), tuples as lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def distribution(values: list[float], extra: bool = False) -> dict[str, Any]:
@@ -150,24 +140,23 @@ def _source_name(c: Candidate) -> str:
 def candidate_section(candidates: list[Candidate]) -> dict[str, Any]:
     """Count, lengths, truncation, diversity over all completions, duplicates within a prompt, sources.
 
-    duplicate_rate is the candidate-weighted mean of `duplicate_rate` over the prompts' groups; distinct-n is
-    over the round's completions together, `distinct_2_within_prompt` the mean over prompts."""
+    distinct-n, within-prompt overlap and duplicates as the loop's `round_diversity` defines them;
+    `distinct_2_within_prompt` is the mean over prompts."""
     texts = [c.completion for c in candidates]
     by_prompt: dict[str, list[str]] = defaultdict(list)
     for c in candidates:
         by_prompt[c.prompt_id].append(c.completion)
     n = len(candidates)
     tokens = [c.num_tokens for c in candidates if c.num_tokens is not None]
+    div = round_diversity(candidates) if n else {}
     return {
         "count": n,
         "prompts": len(by_prompt),
         "tokens": distribution(tokens),
         "chars": distribution([len(t) for t in texts]),
         "truncation_rate": sum(c.truncated for c in candidates) / n if n else None,
-        "distinct_1": distinct_n(texts, 1) if n else None,
-        "distinct_2": distinct_n(texts, 2) if n else None,
+        **{k: div.get(k) for k in ("distinct_1", "distinct_2", "pairwise_overlap_2", "duplicate_rate")},
         "distinct_2_within_prompt": float(np.mean([distinct_n(g, 2) for g in by_prompt.values()])) if n else None,
-        "duplicate_rate": sum(duplicate_rate(g) * len(g) for g in by_prompt.values()) / n if n else None,
         "by_source": dict(Counter(_source_name(c) for c in candidates)),
     }
 

@@ -34,7 +34,7 @@ from rich.markup import escape
 from alignpipe.data.pairs import LabelledPair
 from alignpipe.evaluation.ensemble import is_pairwise, main_score, safe_call
 from alignpipe.evaluation.length_control import length_bias, length_controlled, preference_value
-from alignpipe.records import Judgment
+from alignpipe.records import Judgment, json_safe
 
 _FLIP = {"first": "second", "second": "first", "tie": "tie"}
 COLUMNS = [  # (key, header, format)
@@ -175,17 +175,6 @@ def render_table(rows: list[dict[str, Any]], title: str = "judge evaluation") ->
     for row in rows:
         table.add_row(*[escape(_cell(row, key, fmt)) for key, _, fmt in COLUMNS])  # `[logprobs]` is no markup
     return table
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, so that the output is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None, limit: int | None = None,
