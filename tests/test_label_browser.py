@@ -89,7 +89,7 @@ class Server:
 
 
 def test_label_pairs_in_a_real_browser(tmp_path: Path) -> None:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -98,13 +98,23 @@ def test_label_pairs_in_a_real_browser(tmp_path: Path) -> None:
     labels_path = tmp_path / "pairs.jsonl.labels.tester.jsonl"
     expected: dict[int, tuple[str | None, str]] = {}  # item -> (stored preference, original response on the left)
 
+    def _read_text(driver, element_id: str) -> str | None:  # noqa: ANN001
+        """The element's text, or None (WebDriverWait tries again) when the page changed under the read."""
+        try:
+            return driver.find_element(By.ID, element_id).text
+        except WebDriverException as exc:
+            if isinstance(exc, StaleElementReferenceException) or "does not belong to the document" in str(exc):
+                return None
+            raise
+
     def text(driver, element_id: str) -> str:  # noqa: ANN001
-        return driver.find_element(By.ID, element_id).text
+        # the old page may go away between finding an element and reading it (after a submit): look again.
+        # Chromium reports that race as a stale element or as a node that "does not belong to the document".
+        return WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException]).until(
+            lambda d: _read_text(d, element_id))
 
     def wait_progress(driver, done: int) -> None:  # noqa: ANN001
-        # the old page may go away between finding the element and reading it: look again
-        WebDriverWait(driver, 60, ignored_exceptions=[StaleElementReferenceException]).until(
-            lambda d: text(d, "progress").startswith(f"{done} / {N} labelled"))
+        WebDriverWait(driver, 60).until(lambda d: text(d, "progress").startswith(f"{done} / {N} labelled"))
 
     def answer(driver, k: int, want: str, how: str) -> None:  # noqa: ANN001
         """On item k, give the verdict that stores `want` (first = chosen, second, tie, skip) by mouse or key."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe import AlignpipeError
+from alignpipe import AlignpipeError, records
 from alignpipe.data.pairs import load_pairs
 from alignpipe.evaluation import labelling
 from alignpipe.evaluation.labelling import (
@@ -118,12 +118,12 @@ def test_every_write_is_atomic(pairs_file: Path, monkeypatch: pytest.MonkeyPatch
     store.label(store.current().id, "B")
     before = store.path.read_text()
     synced = []
-    monkeypatch.setattr(labelling.os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(records.os, "fsync", lambda fd: synced.append(fd))
 
     def killed(src, dst):  # noqa: ANN001 - the process dies between writing the temp file and the rename
         raise OSError("killed")
 
-    monkeypatch.setattr(labelling.os, "replace", killed)
+    monkeypatch.setattr(records.os, "replace", killed)
     with pytest.raises(OSError):
         store.label(store.current().id, "tie")
     assert synced  # the temp file was synced before the rename was attempted

@@ -20,7 +20,6 @@ from rich.console import Console
 from alignpipe import AlignpipeError
 from alignpipe.config import Recipe
 from alignpipe.data import load_task
-from alignpipe.data.chat import format_messages, format_prompt
 from alignpipe.diagnostics.heldout import pair_preference, paired_difference
 from alignpipe.diagnostics.report import write_report
 from alignpipe.diagnostics.rounds import write_round_diagnostics
@@ -54,7 +53,7 @@ from alignpipe.stages import cached_stage, dynamic_sampling
 from alignpipe.synthesis.diversity import round_diversity
 from alignpipe.synthesis.generators import Generator, build_generator
 from alignpipe.synthesis.sources import CandidateSources, gold_response, split_server, teacher_generator
-from alignpipe.synthesis.transformers_backend import generate
+from alignpipe.synthesis.transformers_backend import generate, render_prompt
 
 
 def heldout_greedy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path: Path, fingerprint: str,  # noqa: ANN001
@@ -107,10 +106,8 @@ class _Session:
         return "code_verifier" if self.recipe.task.kind == "humaneval" else "math_verifier"
 
     def chat(self, prompt: Prompt) -> str:
-        """The prompt through the chat template; multi-turn prompts keep their turns."""
-        if prompt.meta.get("messages"):
-            return format_messages(self.tokenizer, prompt.meta["messages"])
-        return format_prompt(self.tokenizer, prompt.prompt)
+        """The prompt through the chat template, as the sampler renders it; multi-turn prompts keep their turns."""
+        return render_prompt(self.tokenizer, prompt)
 
     def heldout(self, prompts: list[Prompt], fingerprint: str, label: str) -> dict[str, Any]:
         if self.chat_task:  # answers kept for the win rate; preference tasks also score the human pairs

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from alignpipe import AlignpipeError, __version__
 from alignpipe.diagnostics.plots import lookup, panel_data, panel_svg
 from alignpipe.diagnostics.rounds import SOURCES, round_diagnostics, round_index
 from alignpipe.instantiation import score_of
-from alignpipe.records import Candidate, Judgment, Prompt, json_safe, read_records
+from alignpipe.records import Candidate, Judgment, Prompt, json_safe, read_records, write_text_atomic
 
 EXAMPLE_PROMPTS = 3
 EXAMPLE_CANDIDATES = 3
@@ -336,12 +335,7 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
 
 def write_html(page: str, out: Path) -> Path:
     """Write `page` to `out` atomically (a temporary name, then rename); returns `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(out, page)
 
 
 def default_output(run_dirs: list[Path]) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 from collections import Counter
@@ -33,7 +32,7 @@ from typing import Any
 
 from alignpipe import AlignpipeError
 from alignpipe.data.files import jsonl_objects
-from alignpipe.records import Candidate, Judgment, PairExample, Prompt, read_records
+from alignpipe.records import Candidate, Judgment, PairExample, Prompt, read_records, write_text_atomic
 
 PREFERENCES = ("first", "second", "tie")
 CHOICES = ("A", "B", "tie", "skip")
@@ -173,18 +172,7 @@ def read_labels(path: str | Path) -> list[Judgment]:
 
 def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write rows as JSONL so that a crash at any point leaves the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself is durable only once the directory is synced
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), durable=True)
 
 
 class LabelStore:
