@@ -46,7 +46,6 @@ from alignpipe.synthesis.diversity import distinct_n, round_diversity
 # and margin on the round's own pairs, before and after the round's updates
 TRAIN_KEYS = ("loss", "steps", "grad_norm", "tokens_per_s", "step_time_s", "kl_ref_before", "kl_ref_after",
               "reward_acc_before", "reward_acc_after", "reward_margin_before", "reward_margin_after")
-TRAIN_OPTIONAL = ("kl_ref",)  # copied when a trainer records one KL figure instead of before/after
 DROP_KEYS = ("skipped_uniform", "skipped_margin", "skipped_incomplete")
 # the files each section is computed from (the report recomputes a section whose file changed)
 SOURCES = ("prompts.parquet", "candidates.parquet", "judgments.parquet", "examples.parquet", "metrics.json")
@@ -311,10 +310,9 @@ def training_section(metrics: dict) -> dict[str, Any]:
     train = metrics.get("train")
     if not isinstance(train, dict):
         return {"missing": "metrics.json: train"}
-    known = TRAIN_KEYS + TRAIN_OPTIONAL
-    out = {k: train[k] for k in known if k in train}
+    out = {k: train[k] for k in TRAIN_KEYS if k in train}
     out["missing"] = [k for k in TRAIN_KEYS if k not in train]
-    out["other"] = {k: v for k, v in train.items() if k not in known and isinstance(v, int | float)}
+    out["other"] = {k: v for k, v in train.items() if k not in TRAIN_KEYS and isinstance(v, int | float)}
     return out
 
 

@@ -32,12 +32,6 @@ def _forward_params(model: Any) -> set[str]:
     return set(inspect.signature(_base(model).forward).parameters)
 
 
-def _cache_kwarg(model: Any) -> str:
-    """The KV-cache argument's name: `cache` from transformers 5.x on (where `past_key_values` is a
-    deprecated alias), `past_key_values` before."""
-    return "cache" if "cache" in _forward_params(model) else "past_key_values"
-
-
 def _new_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
@@ -80,6 +74,7 @@ def generate_shared(
         return generate_batch(model, tokenizer, [t for t, r in zip(texts, repeats, strict=True) for _ in range(r)],
                               max_new_tokens, temperature, top_p, eos_ids)
     params = _forward_params(model)
+    # the KV-cache argument: `cache` from transformers 5.x on (`past_key_values` is a deprecated alias there)
     cache_kw = "cache" if "cache" in params else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # the prefill's logits are not used
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
