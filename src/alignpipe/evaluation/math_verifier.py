@@ -1,12 +1,20 @@
-"""A math verifier: extract the final answer of a completion and compare it with the gold answer."""
+"""A math verifier: extract the final answer of a completion and compare it with the gold answer.
+
+Plain numbers compare exactly (`math_numbers`: no floats, scientific notation and thousands separators read
+as one number, `1,2` matches no single number); anything else goes to math-verify with a real time limit
+that holds on every thread (`symbolic_math`). A comparison that cannot be decided (timed out, refused as a
+power tower, unreadable reference) is a judgment with status `error`, never a guessed 0 or 1.
+"""
 
 from __future__ import annotations
 
 import re
 
+from alignpipe.evaluation.math_numbers import AMBIGUOUS, NUMBER, normalize_token, parse_exact
+from alignpipe.evaluation.symbolic_math import DEADLINE_S, VerificationError, symbolic_match
 from alignpipe.records import Candidate, Judgment, Prompt
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+__all__ = ["VerificationError", "answers_match", "extract_answer", "math_verifier"]
 
 
 def _boxed(text: str) -> str | None:
@@ -24,37 +32,38 @@ def _boxed(text: str) -> str | None:
 
 def extract_answer(text: str) -> str | None:
     """The final answer of a completion, by precedence: GSM8K `#### n`, `\\boxed{}`, "the answer is ...",
-    then the last number in the text. None when there is no answer at all."""
+    then the last number in the text. None when there is no answer at all.
+
+    A number is one token with its scientific notation (`1.5e3`, `1.5 \\times 10^{3}`) or power (`2^{10}`);
+    valid thousands separators are dropped (`1,234` -> `1234`), ambiguous ones kept (`1,2` stays `1,2`)."""
     if "####" in text:
-        m = re.search(_NUMBER, text.split("####")[-1])
+        m = re.search(NUMBER, text.split("####")[-1])
         if m:
-            return m.group(0).replace(",", "")
+            return normalize_token(m.group(0))
     boxed = _boxed(text)
     if boxed:
         return boxed
-    m = re.findall(r"answer is[:\s]*\$?\\?\(?\s*(" + _NUMBER + ")", text, flags=re.IGNORECASE)
+    m = re.findall(r"answer is[:\s]*\$?\\?\(?\s*(" + NUMBER + ")", text, flags=re.IGNORECASE)
     if m:
-        return m[-1].replace(",", "")
-    numbers = re.findall(_NUMBER, text)
+        return normalize_token(m[-1])
+    numbers = re.findall(NUMBER, text)
     if numbers:
-        return numbers[-1].replace(",", "").rstrip(".")
+        return normalize_token(numbers[-1])
     return None
 
 
-def answers_match(predicted: str, gold: str) -> bool:
-    """Exact numeric comparison first (fast, unambiguous); math-verify for LaTeX and symbolic forms."""
-    try:
-        return float(predicted.replace(",", "")) == float(gold.replace(",", ""))
-    except ValueError:
-        pass
-    from math_verify import parse, verify
+def answers_match(predicted: str, gold: str, deadline_s: float = DEADLINE_S) -> bool:
+    """Whether `predicted` equals `gold`: exactly when both are plain numbers (an ambiguous `1,2` equals no
+    single number), else by math-verify within `deadline_s` seconds. The same verdict on any thread.
 
-    try:
-        gold_parsed = parse(gold if "$" in gold or "\\" in gold else f"${gold}$")
-        pred_parsed = parse(predicted if "$" in predicted or "\\" in predicted else f"${predicted}$")
-        return bool(gold_parsed) and bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed))
-    except Exception:  # noqa: BLE001 - math-verify raises on malformed LaTeX: not a match
+    Raises VerificationError when it cannot decide (timed out, refused, reference unreadable)."""
+    exact_pred, exact_gold = parse_exact(predicted), parse_exact(gold)
+    numbers = [v for v in (exact_pred, exact_gold) if v is not None and v is not AMBIGUOUS]
+    if len(numbers) == 2:
+        return exact_pred == exact_gold
+    if numbers and AMBIGUOUS in (exact_pred, exact_gold):
         return False
+    return symbolic_match(predicted.strip(), gold.strip(), deadline_s)
 
 
 def math_verifier(prompt: Prompt, candidate: Candidate) -> Judgment:
@@ -62,7 +71,9 @@ def math_verifier(prompt: Prompt, candidate: Candidate) -> Judgment:
 
     A completion with no answer at all scores 0.0 with status `ok` and reason "no final answer found": that
     is the verifier's verdict that it failed the task (training may reject it), not a failure of the
-    judge. A prompt without a reference is an `error`: nothing is known about the candidate.
+    judge. A prompt without a reference is an `error`: nothing is known about the candidate; so is a
+    comparison that could not be decided (reason "verification timed out", "verification refused: power
+    tower", ...).
     """
     base = dict(prompt_id=prompt.id, candidate_ids=[candidate.id], judge="math_verifier")
     if prompt.reference is None:
@@ -70,6 +81,10 @@ def math_verifier(prompt: Prompt, candidate: Candidate) -> Judgment:
     predicted = extract_answer(candidate.completion)
     if predicted is None:
         return Judgment(**base, scores={"correct": 0.0}, reason="no final answer found")
-    correct = answers_match(predicted, prompt.reference)
+    try:
+        correct = answers_match(predicted, prompt.reference)
+    except VerificationError as exc:
+        return Judgment(**base, status="error", reason=exc.reason, raw=predicted,
+                        rationale=f"extracted {predicted!r}, reference {prompt.reference!r}")
     return Judgment(**base, scores={"correct": float(correct)}, raw=predicted,
                     rationale=f"extracted {predicted!r}, reference {prompt.reference!r}")

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 
 from alignpipe.evaluation.atomic import sentence_spans
 from alignpipe.evaluation.base import Message, TextBackend
-from alignpipe.evaluation.math_verifier import answers_match, extract_answer
+from alignpipe.evaluation.math_verifier import VerificationError, answers_match, extract_answer
 from alignpipe.progress import progress
 from alignpipe.records import Candidate, Judgment, Prompt
 from alignpipe.synthesis.backends import BackendError, is_backend_error
@@ -229,7 +229,11 @@ class StepLabeler:
             plan.failure = ("invalid", "empty solution: no steps")
             return plan
         plan.answer = extract_answer(cand.completion)
-        plan.outcome = float(plan.answer is not None and answers_match(plan.answer, prompt.reference))
+        try:
+            plan.outcome = float(plan.answer is not None and answers_match(plan.answer, prompt.reference))
+        except VerificationError as exc:  # undecidable (timed out, refused): an error, not a guessed 0/1
+            plan.failure = ("error", exc.reason)
+            return plan
         prefixes = step_prefixes(cand.completion, spans)
         for k, ((a, b), prefix) in enumerate(zip(spans, prefixes, strict=True)):
             last = k == len(spans) - 1 and self.last_step == "outcome" and not cand.truncated
@@ -273,8 +277,13 @@ class StepLabeler:
                         step.errors += 1
                         continue
                     answer = extract_answer(prefix + str(text))
+                    try:
+                        right = answer is not None and answers_match(answer, plan.prompt.reference or "")
+                    except VerificationError:  # an undecidable rollout counts like a failed call
+                        step.errors += 1
+                        continue
                     step.n += 1
-                    step.correct += int(answer is not None and answers_match(answer, plan.prompt.reference or ""))
+                    step.correct += int(right)
                 if bar and task is not None:
                     bar.update(task, advance=len(chunk))
         finally:
