@@ -78,6 +78,7 @@ B400 = "7" * 399 + "8"  # float(A400) == float(B400): the old comparison called 
     ("the pair is 1,2", "1,2"),  # ambiguous: kept as written, never 12
     ("#### 12,34", "12,34"),
     ("counts: 1, 2, 3", "3"),  # a comma and a space separate numbers
+    ("it falls to \u22121,2", "\u22121,2"), ("it falls to \u22121,500", "\u22121500"),  # a typeset minus
 ])
 def test_extract_answer_reads_one_number(text, expected):
     assert extract_answer(text) == expected
@@ -93,6 +94,7 @@ def test_extract_answer_reads_one_number(text, expected):
     ("1,234.5", "1234.5", True),
     ("\\frac{1}{3}", "0.333333", False), ("-\\frac{1}{2}", "-0.5", True), ("2/6", "\\frac{1}{3}", True),
     ("\\frac{3000}{2}", "1.5e3", True), ("\\$18", "18", True), ("$42$", "42", True), ("42.", "42", True),
+    ("\u22121500", "-1.5e3", True), ("\u22121,2", "-12", False),
     ("1,2", "1, 2", True),  # an ambiguous pair still matches a list-valued reference (symbolically)
 ])
 def test_answers_match_exactly(pred, gold, ok):

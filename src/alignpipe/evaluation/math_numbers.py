@@ -26,7 +26,8 @@ _POWER = r"\^\s*(?:\{\s*[+-]?\d+\s*\}|[+-]?\d+)"
 _TIMES = r"\s*(?:\\times|\\cdot|[x×*·])\s*"
 # A number as it appears in a completion; only non-capturing groups, so re.findall returns whole tokens.
 # A power (`2^{10}`) is kept with its base so `2^{10}` is never read as "2" or "10".
-NUMBER = rf"-?{_MANTISSA}(?:[eE][+-]?\d+|{_TIMES}10\s*{_POWER}|{_POWER}|/\d+)?"
+_MINUS = "[-\u2212]?"  # an ASCII or a typeset minus sign
+NUMBER = rf"{_MINUS}{_MANTISSA}(?:[eE][+-]?\d+|{_TIMES}10\s*{_POWER}|{_POWER}|/\d+)?"
 
 _EXPONENT = r"(?:\{\s*(?P<braced>[+-]?\d+)\s*\}|(?P<plain>[+-]?\d+))"
 _DECIMAL_RE = re.compile(
@@ -49,7 +50,7 @@ Exact = Decimal | Fraction
 
 def grouping_ok(mantissa: str) -> bool:
     """True when the separators in `mantissa` (if any) are thousands separators: 1-3 digits, then 3s."""
-    integer = mantissa.lstrip("+-").split(".")[0]
+    integer = mantissa.lstrip("+-\u2212").split(".")[0]
     groups = re.split(_SEP, integer)
     return len(groups) == 1 or (1 <= len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:]))
 
@@ -57,7 +58,7 @@ def grouping_ok(mantissa: str) -> bool:
 def normalize_token(token: str) -> str:
     """An extracted number token with valid thousands separators removed; an ambiguous one as written."""
     token = token.strip()
-    mantissa = re.match(rf"-?{_MANTISSA}", token)
+    mantissa = re.match(rf"{_MINUS}{_MANTISSA}", token)
     if mantissa and not grouping_ok(mantissa.group(0)):
         return token
     return re.sub(_SEP, "", token)
