@@ -9,7 +9,7 @@ import time
 import pytest
 
 from alignpipe.evaluation.code_verifier import (
-    build_program,
+    build_programs,
     code_verifier,
     humaneval_path,
     load_humaneval,
@@ -144,10 +144,11 @@ def test_full_solution_in_a_fence_is_accepted() -> None:
 
 
 def test_program_layout() -> None:
-    program, mode = build_program(ADD, "    return a + b\n", "TOKEN")
+    harness, harness_files, candidate, mode = build_programs(ADD, "    return a + b\n")
     assert mode == "continuation"
-    assert program.index("return a + b") < program.index("def check") < program.index("check(add)")
-    assert program.rstrip().endswith("print('TOKEN', flush=True)")
+    assert "return a + b" not in harness and "return a + b" in candidate["solution.py"]  # never in one process
+    assert harness.index("def check") < harness.index("add = ") < harness.index("check(add)")
+    assert "serve('solution.py', 'add')" in candidate["main.py"] and "_alignpipe_rpc.py" in harness_files
 
 
 def test_malformed_prompts_are_errors() -> None:

@@ -7,23 +7,33 @@ What a prompt must hold:
 - `Prompt.meta["entry_point"]`: the name of the function under test (required);
 - `Prompt.meta["timeout_s"]`: optional wall-time limit for this problem (default: the config's).
 
-The program run is `prompt + completion`, then the test code, then `check(entry_point)`, then a line
-printing a random per-run token; it passes only when it exits with code 0 *and* the token was printed, so
-a completion that calls `sys.exit(0)` or `os._exit(0)` before the tests run fails. When the completion is
-a whole solution instead of the body that continues the prompt (it defines `entry_point` at top level,
-possibly inside a ```python fence, as chat models answer), the program is the prompt (for its imports and
-helper functions; a stub with only a docstring is valid Python), then that code, which redefines the
-function.
+Two programs run in one sandbox (`run_python(harness, peer=candidate)`), never in one process:
+
+- the candidate: `prompt + completion` in a process of its own (the sandbox's peer, under a uid of its own
+  where the machine gives one). When the completion is a whole solution instead of the body that
+  continues the prompt (it defines `entry_point` at top level, possibly inside a ```python fence, as chat
+  models answer), it is the prompt (for its imports and helper functions; a stub with only a docstring is
+  valid Python), then that code, which redefines the function. It then answers calls of `entry_point`;
+- the harness: the prompt (trusted: its helpers), the test code, and `check(entry_point)` where
+  `entry_point` is a stand-in that sends each call to the candidate's process and gets back a plain value
+  (exact builtin types only, rebuilt in the harness: `sandbox/rpc.py`).
+
+The verdict is the harness's exit code, which the sandbox reads from outside both. So nothing the
+candidate does can pass the tests for it: exiting with status 0 (at import or inside the function) ends
+its process and the harness's next call fails; printing anything goes to the candidate's own output; an
+object whose `__eq__` always returns True (or a subclass of int that overrides it) cannot cross; there is
+no success token to find (no file, frame, constant or object of its process knows the verdict); and with
+separate uids (`raw["peer_separated"]`, true on a root machine) it can neither signal, trace nor read the
+harness, nor read the test file to learn the answers. What remains is the tests themselves: a candidate
+that answers every call correctly passes.
 
 The judgment is `ok` with `scores={"passed": 1.0 or 0.0}` whenever the program ran: a failed assertion,
 an exception, a timeout or a limit hit all score 0.0, and `reason` says which (`passed`, `failed: ...`,
-`timeout: ...`). `raw` holds the sandbox outcome as JSON (status, reason, exit code, durations, stderr
-tail). When the sandbox itself could not run the program, or the prompt lacks its tests or entry point,
-the judgment is `error` with no score: nothing is known about the candidate.
-
-Limitation (not a sandbox matter): the tests run in the same interpreter as the candidate, so a candidate
-written to defeat them (reading the program file for the token, returning objects whose `__eq__` is always
-true) can pass. The verifier is a correctness check, not a defence against adversarial reward hacking.
+`timeout: ...`). `raw` holds the sandbox outcome as JSON (status, reason, exit code, durations, the
+harness's stderr tail, the candidate's output tail and exit status, `peer_separated`). When the sandbox
+itself could not run the programs, the tests pass a value that cannot be sent to the candidate, or the
+prompt lacks its tests or entry point, the judgment is `error` with no score: nothing is known about the
+candidate.
 """
 
 from __future__ import annotations
@@ -32,13 +42,12 @@ import gzip
 import importlib.util
 import json
 import re
-import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from alignpipe.evaluation.sandbox import SandboxConfig, run_python
+from alignpipe.evaluation.sandbox import SandboxConfig, rpc, run_python
 from alignpipe.records import Candidate, Judgment, Prompt
 
 DEFAULT_CODE_CONFIG = SandboxConfig(wall_time_s=10.0, memory_bytes=1 << 30, max_processes=32)
@@ -59,11 +68,23 @@ def solution_program(prompt_text: str, completion: str, entry_point: str) -> tup
     return prompt_text + code, "continuation"
 
 
-def build_program(prompt: Prompt, completion: str, token: str) -> tuple[str, str]:
+_RPC_FILE = "_alignpipe_rpc.py"
+
+
+def build_programs(prompt: Prompt, completion: str) -> tuple[str, dict[str, str], dict[str, str], str]:
+    """The harness's `main.py`, the harness's other files, the candidate's files (`main.py` serves
+    `solution.py`) and how the completion was read (`solution_program`)."""
     entry_point = prompt.meta["entry_point"]
     solution, mode = solution_program(prompt.prompt, completion, entry_point)
-    program = f"{solution}\n\n\n{prompt.reference}\n\n\ncheck({entry_point})\nprint({token!r}, flush=True)\n"
-    return program, mode
+    rpc_source = Path(rpc.__file__).read_text(encoding="utf-8")
+    # The prompt is trusted: its helper functions serve the tests (some call them); its stub of the entry
+    # point is then replaced by the stand-in, so tests that call the function by name reach the candidate.
+    harness = (f"{prompt.prompt}\n\n\n{prompt.reference}\n\n\n"
+               f"import runpy as _alignpipe_runpy\n"
+               f"{entry_point} = _alignpipe_runpy.run_path({_RPC_FILE!r})['remote']({entry_point!r})\n"
+               f"check({entry_point})\n")
+    candidate = {"main.py": f"{rpc_source}\n\nserve('solution.py', {entry_point!r})\n", "solution.py": solution}
+    return harness, {_RPC_FILE: rpc_source}, candidate, mode
 
 
 def code_verifier(prompt: Prompt, candidate: Candidate, config: SandboxConfig | None = None) -> Judgment:
@@ -78,20 +99,31 @@ def code_verifier(prompt: Prompt, candidate: Candidate, config: SandboxConfig | 
     cfg = config or DEFAULT_CODE_CONFIG
     if prompt.meta.get("timeout_s"):
         cfg = replace(cfg, wall_time_s=float(prompt.meta["timeout_s"]))
-    token = f"alignpipe-tests-passed-{secrets.token_hex(16)}"
-    program, mode = build_program(prompt, candidate.completion, token)
-    res = run_python(program, cfg)
+    harness, harness_files, candidate_files, mode = build_programs(prompt, candidate.completion)
+    res = run_python(harness, cfg, files=harness_files, peer=candidate_files.pop("main.py"),
+                     peer_files=candidate_files)
     status, reason = res.status, res.reason
-    if status == "passed" and token not in res.stdout:
-        status, reason = "failed", "exited with code 0 before the tests finished"
+    if status == "failed" and res.exit_code == rpc.BAD_ARGUMENT_EXIT:
+        status = "error"  # the harness could not send the tests' arguments: nothing is known
+    elif status == "failed" and "CandidateEnded" in reason:  # say why the candidate's process ended
+        crash = _last_line(res.peer_output)
+        reason = f"{reason} (candidate exit code {res.peer_exit_code}" + (f": {crash})" if crash else ")")
     raw = json.dumps({"status": status, "reason": reason, "mode": mode, "exit_code": res.exit_code,
                       "signal": res.signal, "duration_s": round(res.duration_s, 4),
-                      "cpu_s": res.cpu_s, "stderr_tail": res.stderr[-2000:]})
+                      "cpu_s": res.cpu_s, "stderr_tail": res.stderr[-2000:],
+                      "candidate_exit_code": res.peer_exit_code, "candidate_signal": res.peer_signal,
+                      "candidate_output_tail": res.peer_output[-2000:],
+                      "peer_separated": bool(res.enforced.get("peer_separated"))})
     if status == "error":
         return Judgment(**base, status="error", reason=f"error: {reason}", raw=raw)
     passed = status == "passed"
     return Judgment(**base, scores={"passed": float(passed)}, reason=f"{status}: {reason}", raw=raw,
                     rationale="all tests passed" if passed else f"{status}: {reason}")
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def make_code_verifier(config: SandboxConfig) -> Callable[[Prompt, Candidate], Judgment]:

@@ -7,7 +7,8 @@ import itertools
 import os
 import time
 
-from alignpipe.evaluation.sandbox.launcher import _kill_cgroup_members, _unescape
+from alignpipe.evaluation.sandbox.launcher import _kill_cgroup_members
+from alignpipe.evaluation.sandbox.mounts import _unescape
 
 
 class _Cgroup:

@@ -2,11 +2,12 @@
 
 The host (`runner.py`) starts it as `python -I -S launcher.py --launch CONFIG` (CONFIG: its settings,
 marshalled, in hex), inside the new namespaces when there are any, as root when the host is root. `-I -S`
-puts neither this directory nor site-packages on `sys.path`: this file stands alone, standard library only,
-and imports only cheap modules up front (its start-up is paid on every run). It sets up the mounts, starts
-the program in a child (limits, cgroups, uid, exec), waits for it with the wall-time limit, kills what is
-left and writes a report (marshal) to the result pipe. Nothing here may assume a namespace: every check
-is made on the spot. The host imports the helpers of the first section from here too.
+puts neither this directory nor site-packages on `sys.path`: this file and `mounts.py` beside it (loaded by
+path, for the filesystem set-up) use the standard library only, and import only cheap modules up front (its
+start-up is paid on every run). It sets up the mounts, starts the program in a child (limits, cgroups, uid,
+exec), and the peer program in a second child when there is one, waits for the program with the wall-time
+limit, kills what is left and writes a report (marshal) to the result pipe. Nothing here may assume a
+namespace: every check is made on the spot. The host imports the helpers of the first section from here too.
 """
 
 from __future__ import annotations
@@ -20,28 +21,12 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (about 10
 if TYPE_CHECKING:
     from typing import Any
 
-# mount(2) flags
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
-_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_CHILD_SUBREAPER = 36
 _SIGKILL = 9
 
 
 # ------------------------------------------------------------------------- helpers shared with the host
-def _unescape(s: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def _chown_tree(top: str, uid: int, gid: int) -> None:
-    """Give `top` and everything below it to uid:gid."""
-    for dirpath, _dirs, names in os.walk(top):
-        for p in [dirpath, *(os.path.join(dirpath, n) for n in names)]:
-            os.chown(p, uid, gid)
-
-
 def _kill(pid: int) -> None:
     """SIGKILL `pid` (-1: every process in reach), ignoring processes already gone."""
     try:
@@ -69,123 +54,12 @@ def _kill_cgroup_members(procs_files: list[str]) -> None:
             _kill(p)
 
 
-# ------------------------------------------------------------------------------------------- filesystem
-def _libc() -> Any:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    return libc
-
-
-def _mount(libc: Any, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
-           ) -> None:
-    def enc(s: str | None) -> bytes | None:
-        return s.encode() if s is not None else None
-
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        import ctypes
-
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount {target}: {os.strerror(e)}")
-
-
-def _kept_flags(path: str) -> int:
-    """Per-mount flags a remount must repeat (in a user namespace they are locked)."""
-    f = os.statvfs(path).f_flag
-    out = 0
-    for st, ms in ((os.ST_NOSUID, _MS_NOSUID), (os.ST_NODEV, _MS_NODEV), (os.ST_NOEXEC, _MS_NOEXEC),
-                   (os.ST_NOATIME, _MS_NOATIME), (os.ST_NODIRATIME, _MS_NODIRATIME),
-                   (os.ST_RELATIME, _MS_RELATIME)):
-        if f & st:
-            out |= ms
-    return out
-
-
-def _remount_ro(libc: Any, path: str) -> None:
-    _mount(libc, None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _kept_flags(path))
-
-
-def _snapshot(workdir: str) -> dict[str, bytes]:
-    files = {}
-    for dirpath, _dirs, names in os.walk(workdir):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, workdir)] = f.read()
-    return files
-
-
-def _setup_mounts(cfg: dict, enforced: dict, notes: list) -> None:
-    libc = _libc()
-    workdir, uid = cfg["workdir"], cfg["uid"] if cfg["uid"] is not None else 0
-    gid = cfg["gid"] if cfg["gid"] is not None else 0
-    # Never touch the host's mounts: only in a namespace of our own, made private first.
-    if os.stat("/proc/self/ns/mnt").st_ino == cfg["host_ns"]["mnt"]:
-        raise RuntimeError("not in a private mount namespace")
-    _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
-    files = _snapshot(workdir)
-    expose = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in cfg["expose"] if os.path.isdir(p)}
-
-    if os.getpid() == 1:  # a /proc that shows this PID namespace only
-        _mount(libc, "proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-        enforced["private_proc"] = True
-
-    failed = []
-    with open("/proc/self/mountinfo") as f:
-        mountpoints = list(dict.fromkeys(_unescape(line.split()[4]) for line in f))
-    for mp in mountpoints:
-        try:
-            if not os.statvfs(mp).f_flag & os.ST_RDONLY:
-                _remount_ro(libc, mp)
-        except OSError:
-            failed.append(mp)
-    enforced["readonly_fs"] = not failed
-    if failed:
-        notes.append(f"could not make read-only: {', '.join(failed)}")
-
-    def under(path: str, d: str) -> bool:
-        return path == d or path.startswith(d.rstrip("/") + "/")
-
-    hidden_ok, done = True, []
-    for d in sorted(cfg["hidden"]):
-        if any(under(d, h) for h in done):
-            continue
-        try:
-            _mount(libc, "tmpfs", d, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,nr_inodes=1024,mode=755")
-            for p, fd in expose.items():
-                if under(p, d) and p != d:
-                    os.makedirs(p, mode=0o755, exist_ok=True)
-                    _mount(libc, f"/proc/self/fd/{fd}", p, None, _MS_BIND | _MS_REC)
-                    _remount_ro(libc, p)
-            if under(workdir, d):
-                os.makedirs(workdir, mode=0o755, exist_ok=True)
-            _remount_ro(libc, d)
-            done.append(d)
-        except OSError as exc:
-            hidden_ok = False
-            notes.append(f"could not hide {d}: {exc}")
-    enforced["hidden_paths"] = hidden_ok
-    for fd in expose.values():
-        os.close(fd)
-
-    _mount(libc, "tmpfs", workdir, "tmpfs", _MS_NOSUID | _MS_NODEV,
-           f"size={cfg['disk_bytes']},nr_inodes=4096,mode=700,uid={uid},gid={gid}")
-    for rel, data in files.items():
-        path = os.path.join(workdir, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-    _chown_tree(workdir, uid, gid)
-    enforced["disk_total"] = enforced["private_workdir"] = True
-
-
 # ---------------------------------------------------------------------------------------------- program
-def _child(cfg: dict, cgroup_fds: list[int], ready_w: int, go_r: int) -> None:
+def _child(cfg: dict, prog: dict, cgroup_fds: list[int], ready_w: int, go_r: int, channel: int | None
+           ) -> None:
     """In the forked child: join the cgroups, wait until the launcher has set up the filesystem, then limits,
-    privileges and exec of the program. Never returns. (The cgroups are joined before the mounts turn
-    read-only, and by the child only, so the launcher is never the cgroup's OOM victim.)"""
+    privileges and exec of `prog` (the program or the peer). Never returns. (The cgroups are joined before
+    the mounts turn read-only, and by the child only, so the launcher is never the cgroup's OOM victim.)"""
     os.setsid()
     for fd in cgroup_fds:
         os.write(fd, b"0")  # "0": the writing process
@@ -201,25 +75,46 @@ def _child(cfg: dict, cgroup_fds: list[int], ready_w: int, go_r: int) -> None:
         resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (soft, hard))
     if _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
-    if cfg["uid"] is not None:
+    if prog["uid"] is not None:
         os.setgroups([])
-        os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
-        os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
+        os.setresgid(prog["gid"], prog["gid"], prog["gid"])
+        os.setresuid(prog["uid"], prog["uid"], prog["uid"])
     elif os.geteuid() == 0:
         try:
             os.setgroups([])
         except OSError:
             pass
-    os.chdir(cfg["workdir"])
+    os.chdir(prog["workdir"])
     os.umask(0o022)
-    os.execve(cfg["python"], cfg["argv"], cfg["env"])
+    if prog.get("output_fd") is not None:  # the peer writes to a stream of its own, not the program's
+        os.dup2(prog["output_fd"], 1)
+        os.dup2(prog["output_fd"], 2)
+    if channel is not None:  # fd 3 in both programs: the two ends of one socket pair
+        if channel != 3:
+            os.dup2(channel, 3)
+        os.set_inheritable(3, True)
+    os.execve(cfg["python"], prog["argv"], prog["env"])
 
 
-def _fork_program(cfg: dict) -> tuple[int, int, int, int]:
-    """Fork the program's process (`_child`). Returns its pid and the launcher's ends of three pipes: exec
+def _libc() -> Any:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return libc
+
+
+def _fork_program(cfg: dict, prog: dict, channel: int | None) -> tuple[int, int, int, int]:
+    """Fork a process for `prog` (`_child`). Returns its pid and the launcher's ends of three pipes: exec
     error (EOF once the exec happened), ready (the child joined its cgroups), go (let the child exec)."""
+    import fcntl
+
     cgroup_fds = [os.open(p, os.O_WRONLY) for p in cfg["cgroup_procs"]]
-    err_r, err_w = os.pipe()  # close-on-exec: EOF means the exec happened
+    # Above fd 3 (close-on-exec: EOF means the exec happened), so that moving the channel to fd 3 keeps it.
+    err_r, err_w = os.pipe()
+    err_w_high = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, 4)
+    os.close(err_w)
+    err_w = err_w_high
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -227,7 +122,7 @@ def _fork_program(cfg: dict) -> tuple[int, int, int, int]:
         try:
             for fd in (err_r, ready_r, go_w):
                 os.close(fd)
-            _child(cfg, cgroup_fds, ready_w, go_r)
+            _child(cfg, prog, cgroup_fds, ready_w, go_r, channel)
         except BaseException as exc:  # noqa: BLE001 - reported to the launcher, then a hard exit
             try:
                 os.write(err_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
@@ -254,17 +149,19 @@ def _sweep_uid(uid: int, gid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _kill_rest(cfg: dict, child: int, in_pidns: bool) -> None:
-    """Kill the program and everything it started. `child` must not be reaped yet (its pid, and so its
-    process group id, stays reserved until then)."""
+def _kill_rest(cfg: dict, children: list[int], in_pidns: bool) -> None:
+    """Kill the programs and everything they started. `children` are the ones not reaped yet (a pid, and so
+    its process group id, stays reserved until then)."""
     if in_pidns:  # init of our own PID namespace: -1 means exactly the sandbox's processes
         _kill(-1)
         return
-    _kill(child)
-    _kill_group(child)
+    for child in children:
+        _kill(child)
+        _kill_group(child)
     _kill_cgroup_members(cfg["cgroup_procs"])  # same PID namespace as the host here: these pids are ours
-    if cfg["uid"] is not None and cfg["uid_unique"]:
-        _sweep_uid(cfg["uid"], cfg["gid"])
+    for prog in (cfg, cfg["peer"] or {}):
+        if prog.get("uid") is not None and prog["uid_unique"]:
+            _sweep_uid(prog["uid"], prog["gid"])
 
 
 def _children_of(ppid: int) -> list[int]:
@@ -318,7 +215,9 @@ def _isolate(cfg: dict, enforced: dict, notes: list) -> None:
     for key in ("readonly_fs", "hidden_paths", "disk_total", "private_workdir", "private_proc"):
         enforced[key] = False
     if cfg["mounts"]:
-        _setup_mounts(cfg, enforced, notes)
+        from mounts import setup_mounts  # beside this file (see _launcher_main)
+
+        setup_mounts(cfg, enforced, notes)
     dropped = cfg["uid"] is not None
     enforced["unprivileged"] = dropped or not cfg["root"]
     # RLIMIT_NPROC binds any uid but root's; unique uid (or user namespace): only this sandbox counts.
@@ -326,13 +225,18 @@ def _isolate(cfg: dict, enforced: dict, notes: list) -> None:
     enforced["no_new_privs"] = True
     for key in ("cpu_time", "memory_per_process", "file_size"):
         enforced[key] = True
+    peer = cfg["peer"]
+    if peer is not None:  # two distinct private uids: the peer can neither signal, trace nor read the program
+        enforced["peer_separated"] = (dropped and cfg["uid_unique"] and peer["uid"] is not None
+                                      and peer["uid_unique"] and peer["uid"] != cfg["uid"])
     missing = [k for k in cfg["require"] if not enforced.get(k)]
     if missing:
         raise RuntimeError(f"required isolation not available: {', '.join(missing)}")
 
 
-def _wait(pid: int, deadline: float) -> bool:
-    """Wait until the program exits (left unreaped) or the deadline passes; returns whether it timed out."""
+def _wait(pid: int, deadline: float, peer: int | None, statuses: dict) -> bool:
+    """Wait until the program exits (left unreaped) or the deadline passes; returns whether it timed out.
+    The peer's status, when it is reaped here, goes into `statuses`."""
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -344,7 +248,9 @@ def _wait(pid: int, deadline: float) -> bool:
         # the rest is killed, so that its pid and process group id stay reserved.
         info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         while info is not None and info.si_pid != pid:
-            os.waitpid(info.si_pid, 0)
+            status = os.waitpid(info.si_pid, 0)[1]
+            if info.si_pid == peer:
+                statuses[peer] = status
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         if info is not None:
             return False
@@ -357,43 +263,78 @@ def _wait(pid: int, deadline: float) -> bool:
             time.sleep(min(remaining, 0.01))
 
 
+def _programs(cfg: dict) -> list[dict]:
+    """The program and, when there is one, the peer, as `_child` takes them."""
+    main = {"workdir": cfg["workdir"], "argv": cfg["argv"], "env": cfg["env"], "uid": cfg["uid"],
+            "gid": cfg["gid"]}
+    return [main] + ([cfg["peer"]] if cfg["peer"] is not None else [])
+
+
+def _status(status: int) -> tuple[int | None, int | None]:
+    return (os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            os.WTERMSIG(status) if os.WIFSIGNALED(status) else None)
+
+
 def _launch(cfg: dict, report: dict) -> None:
     enforced, notes = report["enforced"], report["notes"]
     os.umask(0o022)
     in_pidns = _check_namespaces(cfg, enforced)
-    pid, err_r, ready_r, go_w = _fork_program(cfg)
+    progs = _programs(cfg)
+    channels: list[int | None] = [None]
+    if len(progs) == 2:
+        import socket
+
+        channels = [s.detach() for s in socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)]
+        os.set_inheritable(cfg["peer"]["output_fd"], False)
+    forks: list[tuple[int, int, int, int]] = []
     try:
-        if os.read(ready_r, 1) != b"1":
-            raise RuntimeError("the program's process could not join its cgroups")
-        os.close(ready_r)
+        for prog, channel in zip(progs, channels, strict=True):
+            forks.append(_fork_program(cfg, prog, channel))
+        for channel in channels:  # only the two programs hold the socket pair: EOF when one ends
+            if channel is not None:
+                os.close(channel)
+        for _, _, ready_r, _ in forks:
+            if os.read(ready_r, 1) != b"1":
+                raise RuntimeError("the program's process could not join its cgroups")
+            os.close(ready_r)
         _isolate(cfg, enforced, notes)
     except BaseException:
-        os.close(go_w)  # the child sees EOF and exits without running anything
-        _kill_rest(cfg, pid, in_pidns)
-        os.waitpid(pid, 0)
+        for *_, go_w in forks:
+            os.close(go_w)  # the child sees EOF and exits without running anything
+        _kill_rest(cfg, [f[0] for f in forks], in_pidns)
+        for pid, *_ in forks:
+            os.waitpid(pid, 0)
         raise
     started = time.monotonic()
-    os.write(go_w, b"1")
-    os.close(go_w)
-    timed_out = _wait(pid, started + cfg["wall"])
+    for *_, go_w in reversed(forks):  # the peer first: it is ready when the program starts calling it
+        os.write(go_w, b"1")
+        os.close(go_w)
+    pid, peer = forks[0][0], (forks[1][0] if len(forks) == 2 else None)
+    statuses: dict[int, int] = {}
+    timed_out = _wait(pid, started + cfg["wall"], peer, statuses)
     duration = time.monotonic() - started
-    _kill_rest(cfg, pid, in_pidns)
+    _kill_rest(cfg, [pid] + ([peer] if peer is not None and peer not in statuses else []), in_pidns)
     _, status, rusage = os.wait4(pid, 0)
+    if peer is not None and peer not in statuses:
+        statuses[peer] = os.waitpid(peer, 0)[1]
     _reap_all(in_pidns)
-    with os.fdopen(err_r, "rb") as f:
-        exec_error = f.read().decode(errors="replace")
-    if exec_error:
-        raise RuntimeError(f"could not start the program: {exec_error}")
+    for name, (_, err_r, _, _) in zip(("program", "peer")[:len(forks)], forks, strict=True):
+        with os.fdopen(err_r, "rb") as f:
+            exec_error = f.read().decode(errors="replace")
+        if exec_error:
+            raise RuntimeError(f"could not start the {name}: {exec_error}")
+    exit_code, sig = _status(status)
     report.update(timed_out=timed_out, duration_s=duration, cpu_s=rusage.ru_utime + rusage.ru_stime,
-                  max_rss_kib=rusage.ru_maxrss,
-                  exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                  signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None)
+                  max_rss_kib=rusage.ru_maxrss, exit_code=exit_code, signal=sig)
+    if peer is not None:
+        report["peer_exit_code"], report["peer_signal"] = _status(statuses[peer])
 
 
 def _launcher_main(argv: list[str]) -> int:
     cfg = marshal.loads(bytes.fromhex(argv[2]))
     out = cfg["result_fd"]
     os.set_inheritable(out, False)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for `mounts` only (-I leaves it off)
     report: dict[str, Any] = {"enforced": {}, "notes": []}
     try:
         _launch(cfg, report)

@@ -33,6 +33,11 @@ class SandboxResult:
     uid: int | None = None  # host uid the program ran as
     workdir: str = ""
     workdir_removed: bool = False
+    # With a peer program (`run_python(peer=...)`): its output (stdout and stderr), status and uid.
+    peer_output: str = ""
+    peer_exit_code: int | None = None
+    peer_signal: str | None = None
+    peer_uid: int | None = None
 
     @property
     def passed(self) -> bool:

@@ -1,6 +1,6 @@
-"""Host side of a run: `run_python` writes the program into a fresh directory, starts the launcher (under
-`unshare` when there are namespaces to create), collects the program's output and the launcher's report,
-kills and cleans up whatever is left, and turns the report into a `SandboxResult`."""
+"""Host side of a run: `run_python` writes the program (and the peer) into a fresh directory, starts the
+launcher (under `unshare` when there are namespaces to create), collects the programs' output and the
+launcher's report, kills and cleans up whatever is left, and turns the report into a `SandboxResult`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from typing import Any
 from alignpipe.evaluation.sandbox import launcher
 from alignpipe.evaluation.sandbox.cgroups import _Cgroup
 from alignpipe.evaluation.sandbox.config import SandboxConfig
-from alignpipe.evaluation.sandbox.launcher import _chown_tree, _kill_group
+from alignpipe.evaluation.sandbox.launcher import _kill_group
 from alignpipe.evaluation.sandbox.limits import _choose_uid, _release_uid, _rlimits
+from alignpipe.evaluation.sandbox.mounts import PEER_DIR, _set_owners
 from alignpipe.evaluation.sandbox.namespaces import (
     _host_namespaces,
     _minimal_env,
@@ -29,11 +30,21 @@ from alignpipe.evaluation.sandbox.namespaces import (
 from alignpipe.evaluation.sandbox.result import SandboxResult, _verdict
 
 _LAUNCHER = os.path.abspath(launcher.__file__)  # run as a script by path, never imported by the sandbox
+# World-writable directories a program without a mount namespace could leave files in (swept by uid).
+_SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
 def run_python(code: str, config: SandboxConfig | None = None,
-               files: dict[str, str | bytes] | None = None) -> SandboxResult:
-    """Run `code` as `main.py` in the sandbox; `files` (relative path -> content) are placed beside it."""
+               files: dict[str, str | bytes] | None = None, peer: str | None = None,
+               peer_files: dict[str, str | bytes] | None = None) -> SandboxResult:
+    """Run `code` as `main.py` in the sandbox; `files` (relative path -> content) are placed beside it.
+
+    `peer`: a second program, run at the same time as `peer/main.py` (its cwd and home; `peer_files` beside
+    it) under a uid of its own where the host can give one (`enforced["peer_separated"]`): it can then
+    neither signal, trace nor read the memory or files of the program. Both get fd 3, the two ends of one
+    Unix stream socket. The peer writes to `SandboxResult.peer_output` (stdout and stderr), never to the
+    program's streams; the verdict is the program's. This is how a harness runs untrusted code it
+    talks to without sharing its process (`code_verifier`)."""
     cfg = config or SandboxConfig()
     started = time.monotonic()
     root = os.geteuid() == 0
@@ -42,33 +53,43 @@ def run_python(code: str, config: SandboxConfig | None = None,
     notes: list[str] = []
 
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="alignpipe-sandbox-"))
-    uid = None
-    uid_unique = False
+    uids: list[tuple[int | None, bool]] = []  # (uid, unique) of the program, then of the peer
     cgroup: _Cgroup | None = None
     try:
+        if peer is not None and any(_under_peer_dir(rel) for rel in files or {}):
+            raise ValueError(f"sandbox file paths under {PEER_DIR}/ are the peer's")
         _write_files(workdir, {"main.py": code, **(files or {})})
-        if root and cfg.drop_privileges:
-            uid, uid_unique = _choose_uid(python, use["mount"], notes)
-        if uid is not None and not use["mount"]:
-            _chown_tree(workdir, uid, uid)
+        if peer is not None:
+            _write_files(os.path.join(workdir, PEER_DIR), {"main.py": peer, **(peer_files or {})})
+        uids.append(_choose_uid(python, use["mount"], notes) if root and cfg.drop_privileges else (None, False))
+        if peer is not None:  # a second private uid, or the program's (no separation) when it has none
+            uids.append(_choose_uid(python, use["mount"], notes) if uids[0][0] is not None else (None, False))
         if root and cfg.cgroups:
-            cgroup = _Cgroup(cfg.memory_bytes, cfg.max_processes + 1)
+            cgroup = _Cgroup(cfg.memory_bytes, cfg.max_processes + len(uids))
             if not cgroup.dirs:
                 notes.append("no writable memory/pids cgroup: total memory and the cgroup process limit are "
                              "not enforced")
-        launch = _launch_config(cfg, workdir, python, uid, uid_unique, use, cgroup)
-        proc, result_r = _start(launch, use)
-        out, err, report_bytes, backstop = _collect(proc, result_r, cfg)
+        launch = _launch_config(cfg, workdir, python, uids, use, cgroup)
+        if not use["mount"]:
+            _set_owners(workdir, launch["uid"], launch["gid"], launch["peer"])
+        proc, result_r, peer_r = _start(launch, use)
+        streams, report_bytes, backstop = _collect(proc, result_r, peer_r, cfg)
         if cgroup:
             cgroup.kill_all()
-        if uid is not None and uid_unique and not use["pid"] and (backstop or not report_bytes):
-            _host_sweep_uid(python, uid)  # the launcher did not get to its own sweep
+        for uid, unique in uids:
+            if uid is not None and unique and not use["pid"] and (backstop or not report_bytes):
+                _host_sweep_uid(python, uid)  # the launcher did not get to its own sweep
+        for uid, unique in uids:
+            if uid is not None and unique:
+                _remove_files_of(uid)
     except BaseException:
-        _cleanup(workdir, uid, uid_unique, cgroup)
+        _cleanup(workdir, uids, cgroup)
         raise
     oom_kills = cgroup.oom_kills() if cgroup else 0
     pids_denied = cgroup.pids_denied() if cgroup else 0
-    workdir_removed = _cleanup(workdir, uid, uid_unique, cgroup)
+    workdir_removed = _cleanup(workdir, uids, cgroup)
+    out, err, peer_out = streams
+    uid = uids[0][0]
 
     try:
         report = marshal.loads(report_bytes) if report_bytes else {}
@@ -81,6 +102,11 @@ def run_python(code: str, config: SandboxConfig | None = None,
                         stdout_truncated=out.total > out.cap, stderr_truncated=err.total > err.cap,
                         elapsed_s=time.monotonic() - started, uid=uid, workdir=workdir,
                         workdir_removed=workdir_removed, notes=notes + report.get("notes", []))
+    if peer is not None:
+        res.peer_output, res.peer_uid = peer_out.text(), uids[1][0]
+        res.peer_exit_code = report.get("peer_exit_code")
+        if report.get("peer_signal"):
+            res.peer_signal = signal.Signals(report["peer_signal"]).name
     res.enforced = {**report.get("enforced", {}), "wall_time": True, "clean_env": True, "stdin_closed": True,
                     "output_cap": True}
     res.duration_s = report.get("duration_s", res.elapsed_s)
@@ -93,6 +119,10 @@ def run_python(code: str, config: SandboxConfig | None = None,
 
 
 # -------------------------------------------------------------------------------------------- start-up
+
+
+def _under_peer_dir(rel: str) -> bool:
+    return os.path.normpath(rel).split(os.sep)[0] == PEER_DIR
 
 
 def _write_files(workdir: str, files: dict[str, str | bytes]) -> None:
@@ -125,15 +155,26 @@ def _interpreter_dirs(python: str) -> list[str]:
     return sorted({os.path.realpath(d) for d in dirs})
 
 
-def _launch_config(cfg: SandboxConfig, workdir: str, python: str, uid: int | None, uid_unique: bool,
+def _program_env(home: str) -> dict[str, str]:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8"}
+
+
+def _launch_config(cfg: SandboxConfig, workdir: str, python: str, uids: list[tuple[int | None, bool]],
                    use: dict[str, bool], cgroup: _Cgroup | None) -> dict[str, Any]:
-    """The launcher's settings (marshalled onto its command line; `_start` adds `result_fd`). The program
-    runs under uid:gid `uid` (None: the launcher's own)."""
+    """The launcher's settings (marshalled onto its command line; `_start` adds `result_fd` and the peer's
+    `output_fd`). The program runs under uid:gid `uids[0]` (None: the launcher's own), the peer, when there
+    is one, under `uids[1]`."""
     root = os.geteuid() == 0
-    program_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-                   "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    (uid, uid_unique), argv = uids[0], [python, "-I", "-B", "main.py"]
+    peer = None
+    if len(uids) == 2:
+        peer_dir = os.path.join(workdir, PEER_DIR)
+        # Unbuffered (-u): the peer is killed when the program ends, and its last words are the useful ones.
+        peer = {"workdir": peer_dir, "argv": [python, "-I", "-B", "-u", "main.py"],
+                "env": _program_env(peer_dir), "uid": uids[1][0], "gid": uids[1][0], "uid_unique": uids[1][1]}
     return {
-        "workdir": workdir, "python": python, "argv": [python, "-I", "-B", "main.py"], "env": program_env,
+        "workdir": workdir, "python": python, "argv": argv, "env": _program_env(workdir), "peer": peer,
         "uid": uid, "gid": uid, "uid_unique": uid_unique, "wall": cfg.wall_time_s,
         "rlimits": _rlimits(cfg, count_user_processes=not root and not any(use.values())),
         "mounts": use["mount"], "hidden": _hidden_dirs(cfg.hidden_paths), "expose": _interpreter_dirs(python),
@@ -144,23 +185,30 @@ def _launch_config(cfg: SandboxConfig, workdir: str, python: str, uid: int | Non
     }
 
 
-def _start(launch: dict[str, Any], use: dict[str, bool]) -> tuple[subprocess.Popen, int]:
-    """Start the launcher in a new session, with a minimal environment; returns it and the read end of the
-    pipe it writes its report to."""
+def _start(launch: dict[str, Any], use: dict[str, bool]) -> tuple[subprocess.Popen, int, int | None]:
+    """Start the launcher in a new session, with a minimal environment; returns it, the read end of the pipe
+    it writes its report to and, with a peer, the read end of the peer's output pipe."""
     result_r, result_w = os.pipe()
+    peer_r, peer_w = os.pipe() if launch["peer"] is not None else (None, None)
     launch = {**launch, "result_fd": result_w}
+    if launch["peer"] is not None:
+        launch["peer"] = {**launch["peer"], "output_fd": peer_w}
     cmd = _unshare_cmd([name for name, on in use.items() if on],
                        [sys.executable, "-I", "-S", _LAUNCHER, "--launch", marshal.dumps(launch).hex()])
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=(result_w,), start_new_session=True,
-                                env=_minimal_env(), cwd="/")
+                                stderr=subprocess.PIPE, pass_fds=tuple(fd for fd in (result_w, peer_w) if fd is not None),
+                                start_new_session=True, env=_minimal_env(), cwd="/")
     except BaseException:
-        os.close(result_r)
+        for fd in (result_r, peer_r):
+            if fd is not None:
+                os.close(fd)
         raise
     finally:
-        os.close(result_w)
-    return proc, result_r
+        for fd in (result_w, peer_w):
+            if fd is not None:
+                os.close(fd)
+    return proc, result_r, peer_r
 
 
 # ------------------------------------------------------------------------------------- waiting, output
@@ -190,16 +238,18 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def _collect(proc: subprocess.Popen, result_r: int, cfg: SandboxConfig) -> tuple[_Tail, _Tail, bytes, bool]:
-    """Read stdout, stderr and the launcher's report until all close; kill everything at the backstop."""
-    out, err = _Tail(cfg.max_output_bytes), _Tail(cfg.max_output_bytes)
+def _collect(proc: subprocess.Popen, result_r: int, peer_r: int | None, cfg: SandboxConfig
+             ) -> tuple[tuple[_Tail, _Tail, _Tail], bytes, bool]:
+    """Read stdout, stderr, the peer's output and the launcher's report until all close; kill everything at
+    the backstop. Returns the three streams, the report and whether the backstop fired."""
+    out, err, peer_out = _Tail(cfg.max_output_bytes), _Tail(cfg.max_output_bytes), _Tail(cfg.max_output_bytes)
     report = _Tail(1 << 20)
     sel = selectors.DefaultSelector()
-    for stream, sink in ((proc.stdout, out), (proc.stderr, err)):
-        os.set_blocking(stream.fileno(), False)
-        sel.register(stream.fileno(), selectors.EVENT_READ, sink)
-    os.set_blocking(result_r, False)
-    sel.register(result_r, selectors.EVENT_READ, report)
+    for fd, sink in ((proc.stdout.fileno(), out), (proc.stderr.fileno(), err), (result_r, report),
+                     (peer_r, peer_out)):
+        if fd is not None:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, sink)
     deadline = time.monotonic() + cfg.wall_time_s + cfg.setup_grace_s
     backstop = False
     exited_at: float | None = None
@@ -226,6 +276,8 @@ def _collect(proc: subprocess.Popen, result_r: int, cfg: SandboxConfig) -> tuple
     finally:
         sel.close()
         os.close(result_r)
+        if peer_r is not None:
+            os.close(peer_r)
         proc.stdout.close()
         proc.stderr.close()
         _kill_group(proc.pid)  # before reaping: the group id cannot have been reused
@@ -234,7 +286,7 @@ def _collect(proc: subprocess.Popen, result_r: int, cfg: SandboxConfig) -> tuple
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return out, err, bytes(report.buf), backstop
+    return (out, err, peer_out), bytes(report.buf), backstop
 
 
 # --------------------------------------------------------------------------------------------- cleanup
@@ -263,10 +315,39 @@ def _rmtree(path: str) -> bool:
     return not os.path.lexists(path)
 
 
-def _cleanup(workdir: str, uid: int | None, uid_unique: bool, cgroup: _Cgroup | None) -> bool:
-    """Remove the cgroup, give back the private uid and remove the working directory (whether it went)."""
+def _remove_files_of(uid: int) -> None:
+    """Remove what a sandbox-private uid left in the shared world-writable directories (only reachable
+    without a mount namespace: with one they are empty read-only tmpfs). Its processes are all dead by now.
+    World-writable subdirectories of other owners are searched too; anything the uid owns goes."""
+    todo = list(_SHARED_DIRS)
+    while todo:
+        d = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid == uid:
+                if e.is_dir(follow_symlinks=False):
+                    _rmtree(e.path)
+                else:
+                    try:
+                        os.unlink(e.path)
+                    except OSError:
+                        pass
+            elif e.is_dir(follow_symlinks=False) and st.st_mode & 0o002:
+                todo.append(e.path)
+
+
+def _cleanup(workdir: str, uids: list[tuple[int | None, bool]], cgroup: _Cgroup | None) -> bool:
+    """Remove the cgroup, give back the private uids and remove the working directory (whether it went)."""
     if cgroup:
         cgroup.remove()
-    if uid is not None and uid_unique:
-        _release_uid(uid)
+    for uid, unique in uids:
+        if uid is not None and unique:
+            _release_uid(uid)
     return _rmtree(workdir)
