@@ -158,13 +158,15 @@ class OpenAIBackend:
     - `base_url` includes the API version prefix, e.g. `http://127.0.0.1:8000/v1`.
     - Up to `concurrency` requests are in flight at once (an asyncio semaphore over one connection pool).
     - Each attempt has a total deadline of `timeout` seconds.
-    - HTTP 429, 5xx, timeouts and connection errors are retried up to `max_retries` times with exponential
-      backoff (`backoff * 2**attempt`, capped at `max_backoff`; a 429's `Retry-After` is honoured up to the
-      cap). Other 4xx answers and malformed bodies are not retried.
+    - HTTP 429, 5xx, timeouts, connection errors, truncated bodies and 200 answers that are not JSON with
+      `choices` are retried up to `max_retries` times with exponential backoff (`backoff * 2**attempt`,
+      capped at `max_backoff`; a 429's `Retry-After` is honoured up to the cap). Other 4xx answers are not
+      retried.
     - The API key is read from the environment variable `api_key_env` at each call and sent as a bearer
       token; without the variable no Authorization header is sent (local servers). It is never stored,
       logged or shown in `repr`.
-    - Every conversation gets an answer slot: text, or a `BackendError` with the last failure.
+    - Every conversation gets an answer slot: text, or a `BackendError` naming the last failure and the
+      attempts made (e.g. "HTTP 500 after 4 attempts: ..."); one bad conversation never fails the batch.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
@@ -222,18 +224,23 @@ class OpenAIBackend:
                        temperature: float) -> str:
         body = {**self.extra_body, "model": self.model, "messages": conv, "max_tokens": max_new_tokens,
                 "temperature": temperature}
-        result = await post_with_retries(client, self.url, body, self._retry(), self._count)
-        if result.ok:
-            return self._parse(result.response)
+        try:
+            result = await post_with_retries(client, self.url, body, self._retry(), self._count)
+            if result.ok:
+                return self._parse(result.response)
+            reason = result.summary
+        except Exception as exc:  # noqa: BLE001 - one conversation's surprise must not fail its whole batch
+            log.warning("chat completion raised %s: %s", type(exc).__name__, exc)
+            reason = f"client error: {type(exc).__name__}: {exc}"
         self._count(failed=1)
-        return BackendError(f"{result.reason} (after {result.attempts} attempt(s))")
+        return BackendError(reason)
 
     def _parse(self, resp: httpx.Response) -> str:
         try:
             content = resp.json()["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             self._count(failed=1)
-            return BackendError(f"malformed response body: {resp.text[:200]}")
+            return BackendError(f"malformed response body: {resp.text[:200]!r}")
         if not isinstance(content, str):
             self._count(failed=1)
             return BackendError("response has no text content")
@@ -256,17 +263,26 @@ class RetryPolicy:
 
 @dataclass
 class PostResult:
-    """The outcome of one request with its retries: the 200 answer, or the last failure's reason and
-    HTTP status (None for a timeout or connection error)."""
+    """The outcome of one request with its retries: the 200 answer, or the last failure's reason (its kind:
+    "HTTP 500", "timeout (2s)", "truncated response body", "malformed JSON body", ...), what the server said
+    (`detail`, the start of its body) and HTTP status (None for a timeout or connection error)."""
 
     response: httpx.Response | None
     reason: str
     attempts: int
     status: int | None = None
+    detail: str = ""
 
     @property
     def ok(self) -> bool:
         return self.response is not None and self.response.status_code == 200
+
+    @property
+    def summary(self) -> str:
+        """The failure as a row's reason: "HTTP 500 after 4 attempts: {...}"."""
+        plural = "" if self.attempts == 1 else "s"
+        tail = f": {self.detail}" if self.detail else ""
+        return f"{self.reason} after {self.attempts} attempt{plural}{tail}"
 
 
 def auth_headers(api_key_env: str | None) -> dict[str, str]:
@@ -310,11 +326,12 @@ def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 async def post_with_retries(client: httpx.AsyncClient, url: str, body: dict, policy: RetryPolicy,
                             count: Callable[..., None] = lambda **_: None) -> PostResult:
-    """POST `body` as JSON. HTTP 429, 5xx, timeouts and connection errors are retried up to
-    `policy.max_retries` times with exponential backoff (`backoff * 2**attempt`, capped at `max_backoff`;
-    a 429's `Retry-After` is honoured up to the cap); other answers are returned at once. `count(**deltas)`
-    receives `requests`, `retries` and `timeouts` increments."""
-    reason, status = "", None
+    """POST `body` as JSON. HTTP 429, 5xx, timeouts, connection errors, truncated bodies and 200 answers that
+    are not a JSON object with a non-empty `choices` list are retried up to `policy.max_retries` times with
+    exponential backoff (`backoff * 2**attempt`, capped at `max_backoff`; a 429's `Retry-After` is honoured
+    up to the cap); other answers are returned at once. A 200 that is returned has a well-formed body.
+    `count(**deltas)` receives `requests`, `retries` and `timeouts` increments."""
+    reason, detail, status = "", "", None
     for attempt in range(policy.max_retries + 1):
         if attempt:
             count(retries=1)
@@ -324,24 +341,45 @@ async def post_with_retries(client: httpx.AsyncClient, url: str, body: dict, pol
             resp = await asyncio.wait_for(client.post(url, json=body), policy.timeout)
         except (asyncio.TimeoutError, httpx.TimeoutException):
             count(timeouts=1)
-            reason, status = f"timeout after {policy.timeout:g}s", None
-        except httpx.TransportError as exc:
-            reason, status = f"connection error: {type(exc).__name__}: {exc}", None
+            reason, detail, status = f"timeout ({policy.timeout:g}s)", "", None
+        except httpx.RemoteProtocolError as exc:
+            # the server (or a proxy) closed the connection mid-answer, e.g. a body cut short of its length
+            cut = "incomplete" in str(exc) or "complete message body" in str(exc)
+            reason = "truncated response body" if cut else "connection error: RemoteProtocolError"
+            detail, status = str(exc)[:200], None
+        except httpx.RequestError as exc:  # refused, reset, undecodable: the transport failed
+            reason, detail, status = f"connection error: {type(exc).__name__}", str(exc)[:200], None
         else:
-            if resp.status_code == 200:
-                return PostResult(resp, "", attempt + 1, 200)
-            reason, status = f"HTTP {resp.status_code}: {resp.text[:200]}", resp.status_code
-            if resp.status_code != 429 and resp.status_code < 500:
-                break  # a client error: asking again gives the same answer
-            retry_after = _retry_after(resp)
+            status = resp.status_code
+            if status == 200:
+                reason = _malformed(resp)
+                if not reason:
+                    return PostResult(resp, "", attempt + 1, 200)
+                detail = repr(resp.text[:200])  # a body cut mid-JSON or garbled on the way: ask again
+            else:
+                reason, detail = f"HTTP {status}", resp.text[:200]
+                if status != 429 and status < 500:
+                    break  # a client error: asking again gives the same answer
+                retry_after = _retry_after(resp)
         if attempt < policy.max_retries:
             delay = min(policy.backoff * 2**attempt, policy.max_backoff)
             if retry_after is not None:
                 delay = min(max(delay, retry_after), policy.max_backoff)
             log.info("chat completion attempt %d failed (%s); retrying in %.2fs", attempt + 1, reason, delay)
             await asyncio.sleep(delay)
-    log.warning("chat completion failed after %d attempt(s): %s", attempt + 1, reason)
-    return PostResult(None, reason, attempt + 1, status)
+    log.warning("chat completion failed after %d attempt(s): %s%s", attempt + 1, reason, f": {detail}" if detail else "")
+    return PostResult(None, reason, attempt + 1, status, detail)
+
+
+def _malformed(resp: httpx.Response) -> str:
+    """Why a 200 answer is not a chat completion ("" when it is one): not JSON, or no `choices`."""
+    try:
+        body = resp.json()
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return "malformed JSON body"
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
+        return "response without choices"
+    return ""
 
 
 def _retry_after(resp: httpx.Response) -> float | None:

@@ -118,7 +118,12 @@ class OpenAIGenerator:
                     return await post_with_retries(client, self.url, body, self.retry, self._count)
 
             async def one(prompt: Prompt) -> list[Sample | BackendError]:
-                samples = await self._sample_prompt(post, prompt, k, params, seed)
+                try:
+                    samples = await self._sample_prompt(post, prompt, k, params, seed)
+                except Exception as exc:  # noqa: BLE001 - one prompt's surprise must not fail the whole batch
+                    log.warning("sampling %s raised %s: %s", prompt.id, type(exc).__name__, exc)
+                    self._count(failed=k)
+                    samples = [BackendError(f"client error: {type(exc).__name__}: {exc}")] * k
                 advance(k)
                 return samples
 
@@ -137,10 +142,10 @@ class OpenAIGenerator:
                 if len(samples) < k:
                     self._single_only(f"asked for n={k}, got {len(samples)} choice(s)")
             elif result.status is not None and 400 <= result.status < 500 and result.status != 429:
-                self._single_only(f"a request with n={k} was refused: {result.reason}")
-            else:  # the server itself failed: k single requests would fail the same way
+                self._single_only(f"a request with n={k} was refused: {result.summary}")
+            else:  # the server itself failed (or garbled its answers): k single requests would fail the same way
                 self._count(failed=k)
-                return [BackendError(f"{result.reason} (after {result.attempts} attempt(s))")] * k
+                return [BackendError(result.summary)] * k
             if len(samples) < k:
                 self._count(n_fallbacks=1)
         singles = await asyncio.gather(*(self._single(post, base, seed, prompt.id, j)
@@ -154,9 +159,9 @@ class OpenAIGenerator:
             choices = self._choices(result.response)
             if choices:
                 return choices[0]
-            reason = f"malformed response body: {result.response.text[:200]}"
+            reason = f"response without text content: {result.response.text[:200]!r}"
         else:
-            reason = f"{result.reason} (after {result.attempts} attempt(s))"
+            reason = result.summary
         self._count(failed=1)
         return BackendError(reason)
 
