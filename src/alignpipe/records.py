@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from alignpipe.killpoints import killpoint, where
 
 
 @dataclass
@@ -120,7 +123,22 @@ def write_records(path: str | Path, records: list[Any], cls: type | None = None)
         table = pa.table({n: pa.array([], pa.null()) for n in names})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
+    killpoint(f"write:{where(path)}")
     os.replace(tmp, path)
+
+
+def remove_temporaries(directory: str | Path) -> int:
+    """Delete the temporary files a killed process left under `directory` (`.NAME.tmp-PID` of the writers
+    above, `.NAME.tmp` of a checkpoint save); returns how many. Call it only when no other process writes
+    there."""
+    import shutil
+
+    removed = 0
+    for tmp in sorted(Path(directory).rglob(".*.tmp*"), key=lambda p: len(p.parts)):
+        if tmp.exists() and re.fullmatch(r"\..+\.tmp(-\d+)?", tmp.name):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            removed += 1
+    return removed
 
 
 def read_records(path: str | Path, cls: type[R]) -> list[R]:
@@ -159,6 +177,7 @@ def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> Pat
         if durable:
             fh.flush()
             os.fsync(fh.fileno())
+    killpoint(f"write:{where(path)}")
     os.replace(tmp, path)
     if durable:
         dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -9,23 +9,48 @@ from pathlib import Path
 
 from alignpipe.instantiation import score_of
 from alignpipe.instantiation.selection import dynamic_fill
+from alignpipe.killpoints import killpoint, where
 from alignpipe.records import Candidate, Judgment, Prompt, read_records, write_records
 
 
 def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], list],
                  redo: Callable[[list], bool] | None = None) -> list:
     """Read `path` if it was written with this fingerprint (and `redo` of its records is not true); otherwise
-    compute, write atomically, record."""
+    compute, write atomically, record.
+
+    The fingerprint stamp is removed before the records are written and written after them: a kill in
+    between leaves records without a stamp, which are redone, never records under another config's stamp. A
+    file that cannot be read (damaged on disk) is redone too."""
     stamp = path.with_name(path.name + ".fingerprint")
     if path.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
-        records = read_records(path, cls)
-        if redo is None or not redo(records):
+        try:
+            records = read_records(path, cls)
+        except (OSError, ValueError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            print(f"warning: {path} cannot be read ({type(exc).__name__}); computing it again")
+            records = None
+        if records is not None and (redo is None or not redo(records)):
             return records
     records = compute()
+    stamp.unlink(missing_ok=True)
     write_records(path, records, cls)
+    killpoint(f"stamp:{where(path)}")
     stamp.write_text(fingerprint)
     return records
 
+
+def sharded_stage(directory: Path, fingerprint: str, cls: type, items: list, shard_size: int,
+                  compute: Callable[[list, int], list]) -> list:
+    """`compute` over `items` shard by shard (`shard_size` items each), every shard cached as
+    `directory/NNNNN.parquet` under its own fingerprint: a run killed mid-stage recomputes only the shard it
+    was in. `compute(shard_items, shard_index)` must depend only on its arguments (seed by the index), so that
+    a resumed stage equals an uninterrupted one row for row."""
+    out: list = []
+    for index, start in enumerate(range(0, len(items), shard_size)):
+        shard = items[start : start + shard_size]
+        out.extend(cached_stage(directory / f"{index:05d}.parquet", f"{fingerprint}:shard{index}/{shard_size}",
+                                cls, lambda shard=shard, index=index: compute(shard, index)))
+        killpoint(f"shard:{where(directory)}/{index}")
+    return out
 
 
 def _pointwise_scores(candidates: list[Candidate], judgments: list[Judgment], dim: str | None,

@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from alignpipe.killpoints import killpoint
 from alignpipe.records import Judgment
 
 
@@ -73,8 +74,8 @@ class CachedJudge:
     """`judge` with its `score` and/or `compare` answered from `store` where possible. Every other attribute
     (`name`, `stats`, ...) is the wrapped judge's."""
 
-    def __init__(self, judge: Any, store: JudgmentStore) -> None:
-        self.judge, self.store, self.hits = judge, store, 0
+    def __init__(self, judge: Any, store: JudgmentStore, chunk_size: int = 128) -> None:
+        self.judge, self.store, self.hits, self.chunk_size = judge, store, 0, chunk_size
         for method in ("score", "compare"):
             if callable(getattr(judge, method, None)):
                 setattr(self, method, partial(self._call, method))
@@ -92,11 +93,15 @@ class CachedJudge:
                                                         candidate_ids=[c.id for c in item[1:]]))
         todo = [i for i, j in enumerate(out) if j is None]
         self.hits += len(items) - len(todo)
-        if todo:
-            fresh = getattr(self.judge, method)([items[i] for i in todo])
-            if len(fresh) != len(todo):
-                raise RuntimeError(f"{name} returned {len(fresh)} judgments for {len(todo)} items")
-            for i, j in zip(todo, fresh, strict=True):
+        # in chunks, each remembered as soon as it is judged: a run killed mid-judging asks again only the
+        # chunk it was in, not everything from the first item
+        for start in range(0, len(todo), self.chunk_size):
+            chunk = todo[start : start + self.chunk_size]
+            fresh = getattr(self.judge, method)([items[i] for i in chunk])
+            if len(fresh) != len(chunk):
+                raise RuntimeError(f"{name} returned {len(fresh)} judgments for {len(chunk)} items")
+            for i, j in zip(chunk, fresh, strict=True):
                 out[i] = j
-            self.store.put(name, {keys[i]: asdict(j) for i, j in zip(todo, fresh, strict=True) if j.status == "ok"})
+            self.store.put(name, {keys[i]: asdict(j) for i, j in zip(chunk, fresh, strict=True) if j.status == "ok"})
+            killpoint(f"judge:{name}:{method}:{start // self.chunk_size}")
         return out  # type: ignore[return-value]

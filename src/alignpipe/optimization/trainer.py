@@ -23,6 +23,7 @@ from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe.config import OptimizationConfig
+from alignpipe.killpoints import killpoint
 from alignpipe.optimization.batching import collate
 from alignpipe.optimization.instances import Instances, Row
 from alignpipe.optimization.logprobs import SequenceLogps, sequence_logps
@@ -203,6 +204,9 @@ def optimize(
     rounds and can save them with each checkpoint."""
     if not examples:
         return {"steps": 0}
+    # dropout draws from torch's global RNG, whose state depends on what ran before in this process (sampling
+    # reseeds it per batch; a resumed run reads the samples back): seed it so a resumed round trains the same
+    torch.manual_seed(seed)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     terms = [(t.name, t.weight, t.params) for t in cfg.objectives]
     specs = [OBJECTIVES[name] for name, _, _ in terms]
@@ -280,6 +284,7 @@ def optimize(
                 if (micro + 1) % cfg.grad_accum == 0:
                     step()
                 steps += 1
+                killpoint(f"train:step{steps}")
                 train_seconds += time.perf_counter() - started
                 tokens += int(batch["attention_mask"].sum())
                 sums["loss"] += loss.item()

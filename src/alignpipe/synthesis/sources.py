@@ -165,3 +165,25 @@ class CandidateSources:
             for c in sampled:
                 per_prompt[c.prompt_id].append(c)
         return [replace(c, id=f"{p.id}/{j}") for p in prompts for j, c in enumerate(per_prompt[p.id])]
+
+
+def sampling_shard_prompts(syn: SynthesisConfig) -> int:
+    """Prompts per sampling shard: about four sampling batches of rows, so a shard keeps its batches full
+    and a killed run loses at most four batches of sampling."""
+    rows_per_prompt = sum(spec.k for spec in syn.source_specs())
+    return max(1, 4 * syn.batch_size // max(rows_per_prompt, 1))
+
+
+def merge_sampling_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A round's sampling counts from its shards' (`CandidateSources.stats` of each): counts add up and
+    verbalized sampling's rates are recomputed from the summed counts."""
+    if not parts:
+        return {}
+    out: dict[str, Any] = {"failed": sum(p.get("failed", 0) for p in parts)}
+    verbalized = [p["verbalized"] for p in parts if "verbalized" in p]
+    if verbalized:
+        v = {k: sum(x.get(k, 0) for x in verbalized) for k in verbalized[0] if not k.endswith("_rate")}
+        v["invalid_rate"] = v["invalid"] / v["responses"] if v.get("responses") else 0.0
+        v["parse_rate"] = v["parsed"] / v["expected"] if v.get("expected") else 0.0
+        out["verbalized"] = v
+    return out

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe.data.chat import format_messages, format_prompt
+from alignpipe.killpoints import killpoint
 from alignpipe.progress import progress
 from alignpipe.records import Candidate, Prompt
 from alignpipe.synthesis.shared_prefill import generate_shared, supports_shared_prefill
@@ -75,6 +76,7 @@ def generate(
                     num_tokens=len(body) + (1 if ended else 0), truncated=not ended,
                 )
             bar.update(task, advance=len(batch))
+            killpoint(f"generate:{description}:{start // batch_size}")
     model.train(was_training)
     return [results[(i, j)] for i in range(len(prompts)) for j in range(samples_per_prompt)]
 
