@@ -81,7 +81,7 @@ def run_python(code: str, config: SandboxConfig | None = None,
                 _host_sweep_uid(python, uid)  # the launcher did not get to its own sweep
         for uid, unique in uids:
             if uid is not None and unique:
-                _remove_files_of(uid)
+                _remove_files_of(uid, keep=workdir)
     except BaseException:
         _cleanup(workdir, uids, cgroup)
         raise
@@ -107,8 +107,11 @@ def run_python(code: str, config: SandboxConfig | None = None,
         res.peer_exit_code = report.get("peer_exit_code")
         if report.get("peer_signal"):
             res.peer_signal = signal.Signals(report["peer_signal"]).name
-    res.enforced = {**report.get("enforced", {}), "wall_time": True, "clean_env": True, "stdin_closed": True,
-                    "output_cap": True}
+    enforced = report.get("enforced", {})
+    # The program's own environment is always clean; its ancestors' (/proc/PID/environ: the host process
+    # holds the secrets) are out of reach only in a /proc of its own or under a uid other than the host's.
+    res.enforced = {**enforced, "wall_time": True, "stdin_closed": True, "output_cap": True,
+                    "clean_env": bool(enforced.get("private_proc")) or uid is not None}
     res.duration_s = report.get("duration_s", res.elapsed_s)
     res.cpu_s, res.max_rss_kib = report.get("cpu_s"), report.get("max_rss_kib")
     res.exit_code = report.get("exit_code")
@@ -304,21 +307,31 @@ def _host_sweep_uid(python: str, uid: int) -> None:
 
 
 def _rmtree(path: str) -> bool:
+    """Remove `path` and everything below it (whether it is gone). A directory the program made unwritable
+    is opened up for its owner and tried again, but never `path`'s own parent (the shared /tmp, say)."""
+    top = os.path.abspath(path)
+
     def retry(func: Any, p: str, _exc: Any) -> None:
+        parent = os.path.dirname(os.path.abspath(p))
+        if not (parent == top or parent.startswith(top + os.sep)):
+            return
         try:
-            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(parent, 0o700)
             func(p)
         except OSError:
             pass
 
-    shutil.rmtree(path, onerror=retry)
-    return not os.path.lexists(path)
+    if not os.path.lexists(top):
+        return True
+    shutil.rmtree(top, onerror=retry)
+    return not os.path.lexists(top)
 
 
-def _remove_files_of(uid: int) -> None:
+def _remove_files_of(uid: int, keep: str) -> None:
     """Remove what a sandbox-private uid left in the shared world-writable directories (only reachable
     without a mount namespace: with one they are empty read-only tmpfs). Its processes are all dead by now.
-    World-writable subdirectories of other owners are searched too; anything the uid owns goes."""
+    World-writable subdirectories of other owners are searched too; anything the uid owns goes, except
+    `keep` (the working directory, which `_cleanup` removes)."""
     todo = list(_SHARED_DIRS)
     while todo:
         d = todo.pop()
@@ -330,6 +343,8 @@ def _remove_files_of(uid: int) -> None:
             try:
                 st = e.stat(follow_symlinks=False)
             except OSError:
+                continue
+            if e.path == keep:
                 continue
             if st.st_uid == uid:
                 if e.is_dir(follow_symlinks=False):
