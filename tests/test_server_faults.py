@@ -6,6 +6,8 @@ that were not `ok` (the proxy counts the requests)."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 import time
 
@@ -51,12 +53,22 @@ def items(n: int) -> list[tuple[Prompt, Candidate]]:
     return [(prompt, Candidate("p", f"c{i}", f"answer-{i}: it is {i + 3}.")) for i in range(n)]
 
 
+def waits(caplog: pytest.LogCaptureFixture) -> dict[str, list[float]]:
+    """The backoff the client chose before each retry, per failure kind (from its log, not from a clock)."""
+    out: dict[str, list[float]] = {}
+    for rec in caplog.records:
+        m = re.match(r"chat completion attempt \d+ failed \((.+?)\); retrying in ([\d.]+)s", rec.getMessage())
+        if m:
+            out.setdefault(m.group(1), []).append(float(m.group(2)))
+    return out
+
+
 def by_marker(faults: dict[int, str | None]):
     """A plan's `rows`: the row whose text holds `answer-N` gets `faults[N]`."""
     return lambda body: next((f for i, f in faults.items() if f"answer-{i}:" in row_text(body)), None)
 
 
-def test_judge_rows_survive_every_fault_and_a_rerun_asks_only_the_failed(llama_server, tmp_path):
+def test_judge_rows_survive_every_fault_and_a_rerun_asks_only_the_failed(llama_server, tmp_path, caplog):
     """(a) each fault on its own row of a pointwise judge, every attempt spoiled; (b) the same judgment store
     afterwards, the proxy healed: only the rows that were not ok are asked again, and they come back."""
     kinds = [k for k in FAULTS if k != "hang"]  # a hang needs a short client timeout: its own test below
@@ -67,7 +79,8 @@ def test_judge_rows_survive_every_fault_and_a_rerun_asks_only_the_failed(llama_s
     plan = FaultPlan(rows=by_marker(faults), retry_after="30")
     with FaultProxy(llama_server, plan) as proxy:
         cached = CachedJudge(judge(proxy.base_url), store)
-        first = cached.score(rows)
+        with caplog.at_level(logging.INFO, logger="alignpipe.synthesis.backends"):
+            first = cached.score(rows)
         assert [j.candidate_ids for j in first] == [[c.id] for _, c in rows]  # rows in = rows out, in order
         for i, j in enumerate(first):
             if faults[i] is None:
@@ -80,6 +93,8 @@ def test_judge_rows_survive_every_fault_and_a_rerun_asks_only_the_failed(llama_s
         assert proxy.faults == {k: 1 + RETRIES for k in kinds}
         assert cached.backend.stats.retries == RETRIES * len(kinds) and cached.backend.stats.failed == len(kinds)
         assert proxy.chat_requests() == sum(counts)
+        # exponential backoff 0.2 s, 0.4 s; the 429's Retry-After of 30 s is honoured only up to max_backoff
+        assert waits(caplog)["HTTP 500"] == [0.2, 0.4] and waits(caplog)["HTTP 429"] == [0.4, 0.4]
         first_requests, first_faults = proxy.chat_requests(), dict(proxy.faults)
 
         # (b) the rerun: same store, nothing spoiled any more
@@ -171,18 +186,21 @@ def test_generator_samples_survive_every_fault(llama_server):
           f"{gen.stats.failed} errors")
 
 
-def test_generator_transient_faults_are_retried_to_success(llama_server):
+def test_generator_transient_faults_are_retried_to_success(llama_server, caplog):
     """Rows picked by a seeded rate meet a 500 or a 429 on their first attempt only: all come back."""
-    plan = FaultPlan(rate=0.5, kinds=("500", "429"), times=1, seed=3, retry_after="0")
+    plan = FaultPlan(rate=0.5, kinds=("500", "429"), times=1, seed=3, retry_after="0.3")
     with FaultProxy(llama_server, plan) as proxy:
         gen = generator(proxy.base_url)
-        out = sample(gen, PROMPTS, 2)
+        with caplog.at_level(logging.INFO, logger="alignpipe.synthesis.backends"):
+            out = sample(gen, PROMPTS, 2)
         assert [c.id for c in out] == [f"{p.id}/{j}" for p in PROMPTS for j in range(2)]
         assert all("error" not in c.source for c in out)
         spoiled = sum(proxy.faults.values())
         assert spoiled >= 1  # seed 3 picks some rows (the draw is per row, not per arrival order)
         assert sorted(proxy.attempts.values()) == [1] * (6 - spoiled) + [2] * spoiled
         assert gen.stats.retries == spoiled and gen.stats.failed == 0 and proxy.forwarded == 6
+        # a Retry-After longer than the backoff (0.3 s > 0.2 s) and under the cap is waited for
+        assert waits(caplog) == {"HTTP 500": [0.2] * proxy.faults["500"], "HTTP 429": [0.3] * proxy.faults["429"]}
     print(f"\ntransient: 6 samples, {proxy.chat_requests()} requests, faults {dict(proxy.faults)}, 0 errors")
 
 
