@@ -463,3 +463,27 @@ def test_host_signal_state_and_cwd_unchanged() -> None:
 def test_bad_file_path_is_rejected() -> None:
     with pytest.raises(ValueError, match="escapes"):
         run_python("print(1)", FAST, files={"../outside.py": "x"})
+
+
+def test_peer_program_runs_beside_the_program() -> None:
+    """`run_python(peer=...)`: a second program in `peer/`, connected by fd 3, with an output of its own;
+    the verdict is the program's. As root both run under private uids of their own."""
+    res = run("""
+        import os
+        os.write(3, b"ping\\n")
+        print("program got", os.read(3, 100), os.getuid())
+        """, peer="""
+import os, sys
+print("peer got", os.read(3, 100), os.getuid(), os.getcwd().endswith("/peer"))
+print("to stderr", file=sys.stderr)
+os.write(3, b"pong")
+""", peer_files={"data.txt": "x"})
+    assert res.status == "passed" and "program got b'pong'" in res.stdout, res
+    assert "peer got b'ping\\n'" in res.peer_output and "True" in res.peer_output
+    assert "to stderr" in res.peer_output and "peer got" not in res.stdout + res.stderr
+    assert res.peer_exit_code in (0, None)  # it may be killed once the program has ended
+    if CAPS["root"] and res.uid is not None and res.uid != 65534:
+        assert res.enforced["peer_separated"] and res.peer_uid not in (None, res.uid)
+        assert str(res.peer_uid) in res.peer_output and str(res.uid) in res.stdout
+    with pytest.raises(ValueError, match="peer"):
+        run_python("print(1)", FAST, files={"peer/x.py": "x"}, peer="print(2)")

@@ -48,6 +48,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from alignpipe.evaluation.sandbox import SandboxConfig, rpc, run_python
+from alignpipe.evaluation.sandbox.result import cpu_limit_hit
 from alignpipe.records import Candidate, Judgment, Prompt
 
 DEFAULT_CODE_CONFIG = SandboxConfig(wall_time_s=10.0, memory_bytes=1 << 30, max_processes=32)
@@ -80,8 +81,9 @@ def build_programs(prompt: Prompt, completion: str) -> tuple[str, dict[str, str]
     # The prompt is trusted: its helper functions serve the tests (some call them); its stub of the entry
     # point is then replaced by the stand-in, so tests that call the function by name reach the candidate.
     harness = (f"{prompt.prompt}\n\n\n{prompt.reference}\n\n\n"
-               f"import runpy as _alignpipe_runpy\n"
-               f"{entry_point} = _alignpipe_runpy.run_path({_RPC_FILE!r})['remote']({entry_point!r})\n"
+               f"_alignpipe_rpc = {{'__name__': '_alignpipe_rpc'}}\n"
+               f"exec(compile(open({_RPC_FILE!r}).read(), {_RPC_FILE!r}, 'exec'), _alignpipe_rpc)\n"
+               f"{entry_point} = _alignpipe_rpc['remote']({entry_point!r})\n"
                f"check({entry_point})\n")
     candidate = {"main.py": f"{rpc_source}\n\nserve('solution.py', {entry_point!r})\n", "solution.py": solution}
     return harness, {_RPC_FILE: rpc_source}, candidate, mode
@@ -106,12 +108,16 @@ def code_verifier(prompt: Prompt, candidate: Candidate, config: SandboxConfig | 
     if status == "failed" and res.exit_code == rpc.BAD_ARGUMENT_EXIT:
         status = "error"  # the harness could not send the tests' arguments: nothing is known
     elif status == "failed" and "CandidateEnded" in reason:  # say why the candidate's process ended
-        crash = _last_line(res.peer_output)
-        reason = f"{reason} (candidate exit code {res.peer_exit_code}" + (f": {crash})" if crash else ")")
+        if cpu_limit_hit(res.peer_signal, res.peer_cpu_s, cfg):
+            status, reason = "timeout", f"CPU-time limit of {cfg.cpu_time_s or cfg.wall_time_s:g}s exceeded"
+        else:
+            crash = _last_line(res.peer_output) or (f"killed by {res.peer_signal}" if res.peer_signal else "")
+            reason = f"{reason} (candidate exit code {res.peer_exit_code}" + (f": {crash})" if crash else ")")
     raw = json.dumps({"status": status, "reason": reason, "mode": mode, "exit_code": res.exit_code,
                       "signal": res.signal, "duration_s": round(res.duration_s, 4),
                       "cpu_s": res.cpu_s, "stderr_tail": res.stderr[-2000:],
                       "candidate_exit_code": res.peer_exit_code, "candidate_signal": res.peer_signal,
+                      "candidate_cpu_s": res.peer_cpu_s,
                       "candidate_output_tail": res.peer_output[-2000:],
                       "peer_separated": bool(res.enforced.get("peer_separated"))})
     if status == "error":

@@ -25,12 +25,14 @@ member judged earlier in the run, or a `--cache` directory), since the time then
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 
+from alignpipe import AlignpipeError
 from alignpipe.data.pairs import LabelledPair
 from alignpipe.evaluation.ensemble import is_pairwise, main_score, safe_call
 from alignpipe.evaluation.length_control import length_bias, length_controlled, preference_value
@@ -177,6 +179,21 @@ def render_table(rows: list[dict[str, Any]], title: str = "judge evaluation") ->
     return table
 
 
+def check_output_path(path: str | Path, option: str) -> None:
+    """Fail now, before any judging, if `path` cannot be written: a directory, under a file, or not writable.
+    Missing parent directories are fine (the writer creates them)."""
+    target = Path(path)
+    if target.is_dir():
+        raise AlignpipeError(f"{option} {path}: cannot write there (a directory)")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AlignpipeError(f"{option} {path}: cannot write there ({parent} is not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise AlignpipeError(f"{option} {path}: cannot write there (permission denied)")
+
+
 def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None, limit: int | None = None,
                        fmt: str = "auto", console: Any = None, llm_options: dict[str, Any] | None = None,
                        cache_dir: str | None = None, test_split: tuple[float, int] | None = None,
@@ -184,12 +201,14 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
     """`alignpipe judge-eval --pairs FILE --judge NAME ... [--json OUT] [--limit N]`."""
     from rich.console import Console
 
-    from alignpipe import AlignpipeError
     from alignpipe.data.pairs import load_pairs
     from alignpipe.evaluation.judge_registry import resolve_judges
-    from alignpipe.records import write_json
+    from alignpipe.records import write_json, write_text_atomic
 
     console = console or Console()
+    for out, option in ((json_out, "--json"), (markdown_out, "--markdown")):
+        if out:  # an unwritable output path fails before the judging that would be lost with it
+            check_output_path(out, option)
     if not judge:
         raise AlignpipeError("judge-eval needs at least one --judge (e.g. --judge longer --judge reward-model:DIR)")
     if limit is not None and limit < 1:
@@ -222,6 +241,6 @@ def judge_eval_command(pairs: str, judge: list[str], json_out: str | None = None
         write_json(json_out, json_safe(rows))
         console.print(f"wrote {json_out}")
     if markdown_out:
-        Path(markdown_out).write_text(f"Pairs: {source}\n\n" + markdown_table(rows))
+        write_text_atomic(markdown_out, f"Pairs: {source}\n\n" + markdown_table(rows))
         console.print(f"wrote {markdown_out}")
     return rows

@@ -25,6 +25,11 @@ Verdict modes: `verdict="generate"` (default) generates an answer and parses it,
 distribution over the allowed answers in one forward pass (`logprob_verdicts.py`; needs a backend with
 `choice_logprobs`, i.e. `TransformersBackend`; `precision="auto"` runs it under bf16 autocast where the device has native bf16, else in fp32). Its judges
 are named `<kind>[logprobs]:<backend>` so that both modes can be compared side by side.
+
+`hardened=True` renders the prompts with the defences against hostile responses of `judge_prompts.py`
+(nonce-tagged blocks, verdict-like claims marked, responses over `max_response_chars` cut in the middle);
+such judges are named `<kind>[hardened]:<backend>` (`[logprobs,hardened]`). Attack success rates with and
+without it: `attacks.py`, docs/judges.md.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ class _LLMJudge:
     def __init__(self, backend: TextBackend, *, name: str | None = None, max_new_tokens: int = 512,
                  temperature: float = 0.0, retry_temperature: float = 0.7, parse_retries: int = 2,
                  reference: str = "never", brief: bool = False, verdict: str = "generate",
-                 precision: str = "auto"):
+                 precision: str = "auto", hardened: bool = False, max_response_chars: int = 3000):
         if parse_retries < 0:
             raise ValueError("parse_retries must be >= 0")
         if reference not in REFERENCE_MODES:
@@ -75,7 +80,12 @@ class _LLMJudge:
         self.backend = backend
         self.verdict = verdict
         self.precision = precision  # for verdict="logprobs": "auto" (bf16 where native), "fp32" or "bf16" (autocast)
-        mode = "[logprobs]" if verdict == "logprobs" else ""
+        if max_response_chars < 100:
+            raise ValueError("max_response_chars must be >= 100")
+        # hardened: nonce-tagged blocks, claims in responses marked, long responses cut (judge_prompts.py)
+        self.hardened, self.max_response_chars = hardened, max_response_chars
+        flags = [f for f, on in (("logprobs", verdict == "logprobs"), ("hardened", hardened)) if on]
+        mode = f"[{','.join(flags)}]" if flags else ""
         self.name = name or f"{self.kind}{mode}:{backend.name}"
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -86,6 +96,10 @@ class _LLMJudge:
         self.stats: Counter[str] = Counter()
 
     # -- pieces shared by the judges
+
+    def _render(self, kind: str, blocks: list[tuple[str, str]], **fields: str) -> list[Message]:
+        return jp.conversation(kind, blocks, self.brief, hardened=self.hardened, max_chars=self.max_response_chars,
+                               **fields)
 
     def _reference_blocks(self, prompt: Prompt) -> list[tuple[str, str]]:
         """The reference block, if this judge uses one; raises ValueError when one is required and absent."""
@@ -220,7 +234,7 @@ class PointwiseLLMJudge(_ScoringJudge):
 
     def _conversation(self, prompt: Prompt, candidate: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), *self._reference_blocks(prompt), ("response", candidate.completion)]
-        return jp.conversation("pointwise", blocks, self.brief, lo=str(self.lo), hi=str(self.hi))
+        return self._render("pointwise", blocks, lo=str(self.lo), hi=str(self.hi))
 
     def _parse(self, text: str) -> jp.Parsed:
         return jp.parse_score(text, self.lo, self.hi)
@@ -239,7 +253,7 @@ class AdditiveLLMJudge(_ScoringJudge):
 
     def _conversation(self, prompt: Prompt, candidate: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), *self._reference_blocks(prompt), ("response", candidate.completion)]
-        return jp.conversation("additive", blocks, self.brief)
+        return self._render("additive", blocks)
 
     def _parse(self, text: str) -> jp.Parsed:
         return jp.parse_score(text, 0, 5)
@@ -266,8 +280,7 @@ class RubricLLMJudge(_ScoringJudge):
 
     def _conversation(self, prompt: Prompt, candidate: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), ("response", candidate.completion), *self._reference_blocks(prompt)]
-        return jp.conversation("rubric", blocks, self.brief, rubric=self._rubric,
-                               score_lines=self._score_lines)
+        return self._render("rubric", blocks, rubric=self._rubric, score_lines=self._score_lines)
 
     def _parse(self, text: str) -> jp.Parsed:
         return jp.parse_rubric(text, self.keys)
@@ -286,7 +299,7 @@ class PairwiseLLMJudge(_LLMJudge):
     def _conversation(self, prompt: Prompt, first: Candidate, second: Candidate) -> list[Message]:
         blocks = [("instruction", prompt.prompt), *self._reference_blocks(prompt),
                   ("response_a", first.completion), ("response_b", second.completion)]
-        return jp.conversation("pairwise", blocks, self.brief)
+        return self._render("pairwise", blocks)
 
     def compare(self, items: list[tuple[Prompt, Candidate, Candidate]]) -> list[Judgment]:
         if self.verdict == "logprobs":

@@ -236,7 +236,7 @@ def _isolate(cfg: dict, enforced: dict, notes: list) -> None:
 
 def _wait(pid: int, deadline: float, peer: int | None, statuses: dict) -> bool:
     """Wait until the program exits (left unreaped) or the deadline passes; returns whether it timed out.
-    The peer's status, when it is reaped here, goes into `statuses`."""
+    The peer's status and rusage, when it is reaped here, go into `statuses`."""
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -248,9 +248,9 @@ def _wait(pid: int, deadline: float, peer: int | None, statuses: dict) -> bool:
         # the rest is killed, so that its pid and process group id stay reserved.
         info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         while info is not None and info.si_pid != pid:
-            status = os.waitpid(info.si_pid, 0)[1]
+            _, status, rusage = os.wait4(info.si_pid, 0)
             if info.si_pid == peer:
-                statuses[peer] = status
+                statuses[peer] = (status, rusage)
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         if info is not None:
             return False
@@ -310,13 +310,13 @@ def _launch(cfg: dict, report: dict) -> None:
         os.write(go_w, b"1")
         os.close(go_w)
     pid, peer = forks[0][0], (forks[1][0] if len(forks) == 2 else None)
-    statuses: dict[int, int] = {}
+    statuses: dict[int, tuple] = {}
     timed_out = _wait(pid, started + cfg["wall"], peer, statuses)
     duration = time.monotonic() - started
     _kill_rest(cfg, [pid] + ([peer] if peer is not None and peer not in statuses else []), in_pidns)
     _, status, rusage = os.wait4(pid, 0)
     if peer is not None and peer not in statuses:
-        statuses[peer] = os.waitpid(peer, 0)[1]
+        statuses[peer] = os.wait4(peer, 0)[1:]
     _reap_all(in_pidns)
     for name, (_, err_r, _, _) in zip(("program", "peer")[:len(forks)], forks, strict=True):
         with os.fdopen(err_r, "rb") as f:
@@ -327,7 +327,9 @@ def _launch(cfg: dict, report: dict) -> None:
     report.update(timed_out=timed_out, duration_s=duration, cpu_s=rusage.ru_utime + rusage.ru_stime,
                   max_rss_kib=rusage.ru_maxrss, exit_code=exit_code, signal=sig)
     if peer is not None:
-        report["peer_exit_code"], report["peer_signal"] = _status(statuses[peer])
+        peer_status, peer_rusage = statuses[peer]
+        report["peer_exit_code"], report["peer_signal"] = _status(peer_status)
+        report["peer_cpu_s"] = peer_rusage.ru_utime + peer_rusage.ru_stime
 
 
 def _launcher_main(argv: list[str]) -> int:

@@ -37,6 +37,7 @@ class SandboxResult:
     peer_output: str = ""
     peer_exit_code: int | None = None
     peer_signal: str | None = None
+    peer_cpu_s: float | None = None
     peer_uid: int | None = None
 
     @property
@@ -47,6 +48,12 @@ class SandboxResult:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+def cpu_limit_hit(signal_name: str | None, cpu_s: float | None, cfg: SandboxConfig) -> bool:
+    """Whether a process that ended by `signal_name` after `cpu_s` of CPU was stopped by the CPU-time limit
+    (SIGXCPU at the soft limit, SIGKILL at the hard one)."""
+    return signal_name == "SIGXCPU" or (signal_name == "SIGKILL" and (cpu_s or 0) >= _cpu_limit_s(cfg))
 
 
 def _verdict(report: dict, res: SandboxResult, cfg: SandboxConfig, backstop: bool, launcher_rc: int | None,
@@ -63,9 +70,8 @@ def _verdict(report: dict, res: SandboxResult, cfg: SandboxConfig, backstop: boo
     if report["timed_out"]:
         return "timeout", f"wall-time limit of {cfg.wall_time_s:g}s exceeded"
     sig = report.get("signal")
-    cpu_limit = _cpu_limit_s(cfg)
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and (res.cpu_s or 0) >= cpu_limit):
-        return "timeout", f"CPU-time limit of {cpu_limit:g}s exceeded"
+    if cpu_limit_hit(signal.Signals(sig).name if sig else None, res.cpu_s, cfg):
+        return "timeout", f"CPU-time limit of {_cpu_limit_s(cfg):g}s exceeded"
     if res.exit_code == 0:
         return "passed", "exit code 0"
     if sig == signal.SIGKILL and oom_kills:

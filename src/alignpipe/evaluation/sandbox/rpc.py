@@ -9,8 +9,10 @@ whose `__eq__` always returns True never reaches it. The peer's side (its encode
 in the untrusted process and may be replaced by the candidate; it can then answer anything, which is no
 more than a function returning a plain value could do.
 
-Standard library only, no package imports: this file is copied into the sandbox as `_alignpipe_rpc.py`
-(the harness loads it with `runpy`; the peer's `main.py` is this file plus a `serve(...)` call).
+Standard library only, no package imports, and only cheap ones (both processes pay them on every run; the
+socket is used through its fd, without the `socket` module): this file is copied into the sandbox as
+`_alignpipe_rpc.py` (the harness executes it into a namespace of its own; the peer's `main.py` is this file
+plus a `serve(...)` call).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import socket
 import sys
 
 FD = 3  # both programs' end of the socket pair (see `run_python`)
@@ -80,15 +81,16 @@ def decode(v: object) -> object:
     raise ValueError(f"malformed value from the candidate's process: tag {tag[:20]!r}")
 
 
-def _send(conn: socket.socket, message: object) -> None:
-    conn.sendall(json.dumps(message).encode() + b"\n")  # json.dumps never writes a raw newline
+def _send(fd: int, message: object) -> None:
+    data = memoryview(json.dumps(message).encode() + b"\n")  # json.dumps never writes a raw newline
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def remote(entry_point: str, fd: int = FD) -> object:
     """(Harness side) a stand-in for the candidate's `entry_point`: each call is sent to the peer, and its
     answer comes back as a plain value or as an exception."""
-    conn = socket.socket(fileno=fd)
-    replies = conn.makefile("rb")
+    replies = open(fd, "rb", closefd=False)  # noqa: SIM115 - lives as long as the stand-in
 
     def candidate(*args: object, **kwargs: object) -> object:
         try:
@@ -98,7 +100,7 @@ def remote(entry_point: str, fd: int = FD) -> object:
             sys.stderr.flush()
             os._exit(BAD_ARGUMENT_EXIT)
         try:
-            _send(conn, request)
+            _send(fd, request)
             line = replies.readline(MAX_MESSAGE)
         except OSError:
             line = b""
@@ -122,8 +124,7 @@ def remote(entry_point: str, fd: int = FD) -> object:
 def serve(path: str, entry_point: str, fd: int = FD) -> None:
     """(Peer side) run the candidate's file as `__main__`, then answer calls of its `entry_point` until the
     harness closes the connection."""
-    conn = socket.socket(fileno=fd)
-    requests = conn.makefile("rb")
+    requests = open(fd, "rb", closefd=False)  # noqa: SIM115 - read until the harness closes it
     with open(path, encoding="utf-8") as f:
         source = f.read()
     namespace = {"__name__": "__main__", "__file__": path, "__builtins__": builtins}
@@ -139,4 +140,4 @@ def serve(path: str, entry_point: str, fd: int = FD) -> None:
             reply = {"ok": encode(function(*args, **kwargs))}
         except Exception as exc:  # noqa: BLE001 - the candidate's exception is its answer
             reply = {"raise": [type(exc).__name__, str(exc)]}
-        _send(conn, reply)
+        _send(fd, reply)

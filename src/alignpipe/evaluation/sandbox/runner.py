@@ -104,7 +104,7 @@ def run_python(code: str, config: SandboxConfig | None = None,
                         workdir_removed=workdir_removed, notes=notes + report.get("notes", []))
     if peer is not None:
         res.peer_output, res.peer_uid = peer_out.text(), uids[1][0]
-        res.peer_exit_code = report.get("peer_exit_code")
+        res.peer_exit_code, res.peer_cpu_s = report.get("peer_exit_code"), report.get("peer_cpu_s")
         if report.get("peer_signal"):
             res.peer_signal = signal.Signals(report["peer_signal"]).name
     enforced = report.get("enforced", {})
