@@ -24,16 +24,22 @@ host's), never assumed from the configuration. `docs/sandbox.md` has the full ta
 - no privileges: no_new_privs (setuid binaries do not elevate), all supplementary groups dropped;
 - an empty environment (PATH, HOME, TMPDIR, locale only: no variable of the parent reaches the program),
   stdin from /dev/null, stdout and stderr captured through pipes with only the last `max_output_bytes`
-  of each kept.
+  of each kept;
+- a peer program (`run_python(code, peer=...)`, optional): untrusted code beside a trusted program, in
+  `peer/` under a second private uid (it can neither signal, trace nor read the program, whose files are
+  closed to it), connected to it by a socket pair on fd 3, with an output stream of its own. The verdict
+  is the program's; `code_verifier` runs its tests as the program and the candidate as the peer (`rpc`).
 
 Without the namespaces (no `unshare`, or the kernel forbids them) the program still runs with the
 limits, the private uid (where the interpreter is reachable by it) and the cleanup sweeps (the launcher is
 a child subreaper, so orphans come back to it; process group, cgroup members and the private uid are
-killed), and `enforced` says what is missing.
+killed; files the private uid left in /tmp, /var/tmp, /dev/shm and /run/lock are removed), and `enforced`
+says what is missing.
 
 Modules: `config` (`SandboxConfig`), `result` (`SandboxResult`, the verdict), `runner` (`run_python`:
-the host side), `launcher` (the sandbox side, standalone), `limits` (rlimits, the program's uid),
-`cgroups`, `namespaces` (`unshare`, `capabilities()`).
+the host side), `launcher` (the sandbox side, standalone), `mounts` (the filesystem set-up, loaded by the
+launcher), `limits` (rlimits, the program's uid), `cgroups`, `namespaces` (`unshare`, `capabilities()`),
+`rpc` (calls from a harness to a function in the peer, plain values only).
 """
 
 from __future__ import annotations
