@@ -499,3 +499,11 @@ def test_a_candidate_daemon_does_not_survive_its_harness(config: SandboxConfig) 
     if left:
         os.unlink(f"/tmp/{marker}")
     assert not left
+
+
+def test_required_peer_separation_refuses_to_run_without_it() -> None:
+    """`require=("peer_separated",)` where the peer would share the program's uid: neither runs."""
+    cfg = SandboxConfig(wall_time_s=4.0, drop_privileges=False, require=("peer_separated",))
+    res = run("print('program ran')", cfg, peer="print('peer ran')")
+    assert res.status == "error" and "peer_separated" in res.reason
+    assert "ran" not in res.stdout + res.peer_output
