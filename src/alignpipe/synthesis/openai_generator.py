@@ -7,9 +7,12 @@ asked for one request each. Each request carries a seed derived from (seed, prom
 `n` request that of sample 0), so the samples are reproducible where the server honours `seed`, whether or
 not it honours `n`.
 
-Transport (async httpx, bounded concurrency, retries with exponential backoff on 429/5xx/timeouts, the API
-key read from an environment variable and never logged) is `alignpipe.synthesis.backends`' shared helper.
-A sample whose request finally failed is returned as a failed candidate (see `generators.py`).
+Transport (async httpx, bounded concurrency, retries with exponential backoff on 429/5xx/timeouts/garbled
+answers, the API key read from an environment variable and never logged) is `alignpipe.synthesis.http_transport`,
+shared with the judges' `OpenAIBackend`. A 200 that is not a chat completion (cut short, not JSON, no
+`choices`) is a failed attempt like a 500, never taken as a server that ignores `n`. A sample whose request
+finally failed is returned as a failed candidate (see `generators.py`) whose reason names the failure and the
+attempts ("HTTP 500 after 4 attempts: ..."); one prompt that raises does not fail the others.
 """
 
 from __future__ import annotations
@@ -26,16 +29,15 @@ import httpx
 
 from alignpipe.progress import progress
 from alignpipe.records import Candidate, Prompt
-from alignpipe.synthesis.backends import (
-    BackendError,
-    BackendStats,
+from alignpipe.synthesis.backends import BackendError, BackendStats
+from alignpipe.synthesis.generators import failed_candidate, source_record
+from alignpipe.synthesis.http_transport import (
     PostResult,
     RetryPolicy,
     async_client,
     post_with_retries,
     run_sync,
 )
-from alignpipe.synthesis.generators import failed_candidate, source_record
 
 log = logging.getLogger(__name__)
 
