@@ -204,6 +204,19 @@ def test_generator_transient_faults_are_retried_to_success(llama_server, caplog)
     print(f"\ntransient: 6 samples, {proxy.chat_requests()} requests, faults {dict(proxy.faults)}, 0 errors")
 
 
+def test_faults_by_request_index_are_retried_through(llama_server):
+    """A plan by arrival index, one request at a time (a row holds its slot through its retries): the first
+    row asked meets a 500, then a malformed body (the
+    real answer garbled), then gets through on its third attempt; the second row is not touched."""
+    with FaultProxy(llama_server, FaultPlan(at={0: "500", 1: "malformed"})) as proxy:
+        gen = generator(proxy.base_url, concurrency=1)
+        out = sample(gen, PROMPTS[:2], 1)
+        assert [c.id for c in out] == ["q0/0", "q1/0"] and all("error" not in c.source for c in out)
+        assert proxy.faults == {"500": 1, "malformed": 1} and proxy.chat_requests() == 4
+        assert sorted(proxy.attempts.values()) == [1, 3] and proxy.forwarded == 3  # the 500 never reached it
+        assert gen.stats.retries == 2 and gen.stats.failed == 0
+
+
 def test_n_request_with_a_garbled_answer_is_a_failure_not_a_server_without_n(llama_server):
     """A 200 without `choices` to an n=2 request is the server failing, not evidence that it ignores n: the
     prompt's samples are errors and the server is not remembered as single-request only."""
