@@ -206,8 +206,8 @@ def test_generator_transient_faults_are_retried_to_success(llama_server, caplog)
 
 def test_faults_by_request_index_are_retried_through(llama_server):
     """A plan by arrival index, one request at a time (a row holds its slot through its retries): the first
-    row asked meets a 500, then a malformed body (the
-    real answer garbled), then gets through on its third attempt; the second row is not touched."""
+    row asked meets a 500, then a malformed body (the real answer garbled), then gets through on its third
+    attempt; the second row is not touched."""
     with FaultProxy(llama_server, FaultPlan(at={0: "500", 1: "malformed"})) as proxy:
         gen = generator(proxy.base_url, concurrency=1)
         out = sample(gen, PROMPTS[:2], 1)
