@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch unless a GPU is visible; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: setup demo test lint clean browser
+.PHONY: setup demo test lint clean browser bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ demo: setup
 
 test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# Benchmarks against TRL (the `bench` extra). The DPO default is CI-sized; the full measurement is
+#   make bench BENCH_DPO_ARGS="--lengths 256 512 --modes full lora --steps 10 --repeats 2"
+BENCH_DPO_ARGS ?= --lengths 256 --modes full lora --warmup 1 --steps 3 --repeats 1
+$(BIN)/.installed-bench: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $@
+
+bench: $(BIN)/.installed-bench
+	$(BIN)/python benchmarks/dpo.py $(BENCH_DPO_ARGS) --out bench-results/dpo.json
+	$(BIN)/python benchmarks/shared_prefill.py
 
 lint: setup
 	$(BIN)/ruff check src tests
