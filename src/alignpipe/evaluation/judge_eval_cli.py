@@ -30,6 +30,8 @@ def judge_eval(
                                             help="Use only the test part of a seeded train/test split with this "
                                             "train fraction (as `alignpipe train-reward-model` splits)"),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the --test-split shuffle"),
+    hardened: bool = typer.Option(False, "--hardened", help="LLM judges use the prompts hardened against hostile "
+                                  "responses (nonce-tagged blocks, verdict-like claims marked; docs/judges.md)"),
 ) -> None:
     """Measure judges against human preference labels: agreement, position consistency, invalid rate,
     length bias, length-controlled agreement and throughput."""
@@ -44,6 +46,8 @@ def judge_eval(
     options: dict = {"brief": brief, "max_new_tokens": max_new_tokens or (48 if brief else 512)}
     if verdict != "generate" or precision != "auto":
         options.update(verdict=verdict, precision=precision)
+    if hardened:
+        options["hardened"] = True
     judge_eval_command(pairs, judge or ["pairwise"], json_out=json_out, limit=limit, llm_options=options,
                        cache_dir=cache, test_split=None if test_split is None else (test_split, split_seed),
                        markdown_out=markdown_out)

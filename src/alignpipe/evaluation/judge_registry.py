@@ -218,6 +218,8 @@ class JudgeRegistry:
             options = self._llm_options(backend, supports_logprobs=False)
             if options.get("verdict", "generate") != "generate":
                 raise AlignpipeError(f"judge {spec!r}: the atomic judge has no logprobs verdict mode")
+            if options.get("hardened"):
+                raise AlignpipeError(f"judge {spec!r}: the atomic judge has no hardened prompts")
             atomic = _optional("alignpipe.evaluation.atomic", spec)
             return atomic.AtomicLLMJudge(backend, **options)
         if kind == "step-labels":
