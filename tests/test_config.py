@@ -146,8 +146,9 @@ def test_provider_check_hook_is_called_with_the_names_read(monkeypatch):
     ({"task.digits": [5, 2]}, "task.arithmetic.digits: a range is [low, high]"),
     ({"task.ops": []}, "task.arithmetic.ops: at least one operator is needed"),
     ({"optimization.objectives": [{"name": "dpo", "beta": "high"}]}, "objective 'dpo': beta must be a number"),
-    ({"name": "../escape"}, "name: String should match pattern"),
-    ({"name": "/abs/path"}, "name: String should match pattern"),
+    ({"name": "../escape"}, "name: '../escape' is a path; a run name is one folder name under output_dir"),
+    ({"name": "/abs/path"}, "name: '/abs/path' is a path; a run name is one folder name under output_dir"),
+    ({"name": "-x"}, "name: String should match pattern"),
     ({"rounds.deeper": 1}, "--set rounds.deeper: rounds is a value, not a section"),
 ])
 def test_more_bad_values_fail_at_load_time(overrides, message):

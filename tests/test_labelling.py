@@ -154,8 +154,8 @@ def test_labels_file_errors_name_file_line_and_field(pairs_file: Path, tmp_path:
 
 def test_pairs_file_with_a_bad_row_one_line_error(tmp_path: Path) -> None:
     bad = write_pairs(tmp_path / "bad.jsonl", 3)
-    bad.write_text(bad.read_text() + json.dumps({"prompt": "q?", "chosen": "ok", "rejected": ""}) + "\n")
-    with pytest.raises(AlignpipeError, match=r"bad.jsonl: row 4: field 'rejected': empty response"):
+    bad.write_text(bad.read_text() + json.dumps({"prompt": "q?", "chosen": "ok"}) + "\n")  # (empty is a response)
+    with pytest.raises(AlignpipeError, match=r"bad.jsonl: row 4: field 'rejected': missing field"):
         load_source(bad)
     result = subprocess.run([sys.executable, "-m", "alignpipe.cli", "label", str(bad), "--port", "0"],
                             capture_output=True, text=True, timeout=120)

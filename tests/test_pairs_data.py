@@ -98,7 +98,6 @@ def test_trl_standard_and_conversational_rows(tmp_path: Path) -> None:
     ({"prompt": "p", "chosen": "a"}, "rejected"),
     ({"prompt": "p", "chosen": "a", "rejected": 3}, "rejected"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "prompt"),
-    ({"prompt": "p", "chosen": "a", "rejected": "  "}, "rejected"),
     ({"prompt": "p", "chosen": [{"role": "bot", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]},
      "chosen"),
     ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"}, "rejected"),

@@ -54,12 +54,15 @@ def run(
 ) -> None:
     """Run the closed loop: R rounds of synthesis -> evaluation -> instantiation -> optimization."""
     from alignpipe.config import load_recipe
-    from alignpipe.loop import run as run_loop
 
     overrides = _overrides(set_)
     if output_dir:
         overrides["output_dir"] = output_dir
     cfg = load_recipe(recipe, overrides)
+    from alignpipe.loop import (
+        run as run_loop,  # after the recipe: a bad one fails without importing transformers
+    )
+
     summary = run_loop(cfg, console)
     _print_summary(summary)
 
@@ -157,7 +160,7 @@ def train_reward_model(
     epochs: int = typer.Option(2, "--epochs", min=1, help="LoRA: passes over the training pairs"),
     lr: float = typer.Option(1e-4, "--lr", help="LoRA: learning rate of the adapter (the head's is 10x)"),
     lora_r: int = typer.Option(8, "--lora-r", min=1, help="LoRA rank (alpha = 2 r)"),
-    limit: int | None = typer.Option(None, "--limit", help="Use only the first N pairs of the file"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Use only the first N pairs of the file"),
     fmt: str = typer.Option("auto", "--format", help="Pairs format: auto, hh or trl"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Head: do not keep features under ~/.cache/alignpipe"),
@@ -232,9 +235,12 @@ def label_agreement(
     json_out: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
 ) -> None:
     """Agreement and Cohen's kappa between labellers, and agreement of each with the dataset's labels."""
+    from alignpipe.evaluation.judge_eval import check_output_path
     from alignpipe.evaluation.labelling import agreement_rows
     from alignpipe.records import json_safe, write_json
 
+    if json_out:
+        check_output_path(json_out, "--json")
     rows = agreement_rows(labels, input_path)
     table = Table(title="label agreement (items both labelled; skips left out)")
     for col in ("labels", "compared with", "pairs", "agree", "agree (tie = 1/2)", "kappa"):
@@ -256,15 +262,30 @@ app.command("judge-eval", help="Measure judges against human-labelled pairs.")(j
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import click
+
+    # typer >= 0.20 carries its own copy of click: its usage errors derive from typer.TyperException
+    usage_errors = tuple(c for c in (getattr(typer, "TyperException", None), click.ClickException) if c)
+    stderr = Console(stderr=True)
     try:
-        app()
+        # standalone_mode=False: a bad option or value comes back as an exception, printed as one line below
+        # instead of click's usage text and boxed panel
+        code = app(standalone_mode=False)
     except AlignpipeError as exc:
         # markup=False: messages quote recipe values such as "[5, 2]", which rich would read as style tags
-        Console(stderr=True).print(f"error: {exc}", style="red", highlight=False, soft_wrap=True, markup=False)
+        stderr.print(f"error: {exc}", style="red", highlight=False, soft_wrap=True, markup=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted: run the same command again to resume")
+    except (KeyboardInterrupt, typer.Abort, click.exceptions.Abort):
+        stderr.print("interrupted: run the same command again to resume")
         sys.exit(130)
+    except usage_errors as exc:
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        stderr.print(f"error: {message} (see `{ctx.command_path if ctx else 'alignpipe'} --help`)", style="red",
+                     highlight=False, soft_wrap=True, markup=False)
+        sys.exit(getattr(exc, "exit_code", 2))
+    if isinstance(code, int):  # --help and other early exits return their exit code
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,6 +22,7 @@ from pydantic import (
 )
 
 from alignpipe import AlignpipeError
+from alignpipe.recipe_io import read_recipe_yaml
 
 # task kinds whose prompts carry a gold response (synthesis/sources.py `gold_response`); a `file` task has one
 # where its rows have a `response` column, checked when the file is read
@@ -490,6 +490,15 @@ class Recipe(Strict):
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     heldout: HeldoutEval = Field(default_factory=HeldoutEval)
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_is_no_path(cls, name: Any) -> Any:
+        """`name: ../x` or `/tmp/x` would put the run outside output_dir: say so, not just 'should match pattern'."""
+        if isinstance(name, str) and ("/" in name or "\\" in name or name.startswith(".")):
+            raise ValueError(f"{name!r} is a path; a run name is one folder name under output_dir (letters, digits, "
+                             "'.', '_' and '-', not starting with '.')")
+        return name
+
     @model_validator(mode="after")
     def _offline_needs_preferences(self) -> Recipe:
         offline = self.synthesis.uses("offline") or self.evaluation.judge == "human_label"
@@ -551,20 +560,14 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
         builtin = Path(__file__).parent / "recipes" / f"{path.stem}.yaml"
         if path.suffix == "" and builtin.is_file():
             path = builtin
-        else:
+        elif not path.exists():
             raise AlignpipeError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise AlignpipeError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-                             f"save the recipe as UTF-8") from None
-    except yaml.YAMLError as exc:
-        raise AlignpipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise AlignpipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    data = read_recipe_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
+        if not all([*parents, leaf]):
+            raise AlignpipeError(f"--set {dotted}: an empty key (keys are dotted paths such as synthesis.temperature)")
         for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):

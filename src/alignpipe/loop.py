@@ -44,6 +44,7 @@ from alignpipe.models import (
 from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.trainer import optimize, round_providers
 from alignpipe.precision import describe as describe_precision
+from alignpipe.recipe_io import ROUND_SECTIONS, check_resumable
 from alignpipe.records import (
     Candidate,
     Judgment,
@@ -292,8 +293,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) the closed loop of `recipe`; returns the summary written to summary.json."""
     console = console or Console()
     run_dir = Path(recipe.output_dir) / recipe.name
-    base_fp = recipe.fingerprint("model", "seed", "task", "synthesis", "evaluation", "instantiation",
-                                 "optimization")
+    base_fp = recipe.fingerprint(*ROUND_SECTIONS)
+    check_resumable(recipe, run_dir)  # issue 12: a changed recipe must not redo (or mix into) finished rounds
     eval_fp = recipe.fingerprint("model", "seed", "task", "evaluation", "heldout")
 
     data = load_task(recipe.task, recipe.heldout.n)  # bad prompt files fail before any model work

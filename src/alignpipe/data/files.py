@@ -3,21 +3,38 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from alignpipe import AlignpipeError
 from alignpipe.data import TaskData
 from alignpipe.records import Prompt
 
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def not_utf16(path: Path, head: bytes, what: str = "file") -> None:
+    """A UTF-16 file (what Windows editors save as "Unicode") is named as such, not reported as a bad byte."""
+    if head.startswith(UTF16_BOMS):
+        raise AlignpipeError(f"{path}: not UTF-8 text (UTF-16, by its byte-order mark); save the {what} as UTF-8")
+
 
 def jsonl_objects(path: Path, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a jsonl file; a line that is not a JSON object is an
-    error naming the file and the line."""
-    with path.open() as fh:
-        for i, line in enumerate(fh, start=1):
+    """(line number, object) for each non-blank line of a jsonl file; a line that is not UTF-8 text or not a
+    JSON object is an error naming the file and the line."""
+    with path.open("rb") as fh:  # bytes: a decoding error is then one line's, and named by it
+        for i, raw in enumerate(fh, start=1):
+            if i == 1:
+                not_utf16(path, raw)
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # some editors mark UTF-8 too; harmless
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise AlignpipeError(f"{path}: line {i}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                     f"{exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -29,22 +46,44 @@ def jsonl_objects(path: Path, what: str = "a JSON object") -> Iterator[tuple[int
             yield i, row
 
 
-def read_rows(path: str | Path) -> list[dict]:
+class Rows(list):
+    """Rows read from a file. `lines[k]` is the line of row k in a jsonl file (blank lines are skipped, so the
+    two can differ), so that an error about a row also names the line an editor shows; None for parquet."""
+
+    def __init__(self, rows: Iterable[dict] = (), lines: list[int] | None = None) -> None:
+        super().__init__(rows)
+        self.lines = lines
+
+    def head(self, n: int) -> Rows:
+        return Rows(self[:n], None if self.lines is None else self.lines[:n])
+
+
+def row_label(rows: list[dict], k: int) -> str:
+    """How errors name row k (0-based): `row N`, and `row N (line M)` where blank lines of a jsonl file put it
+    on another line."""
+    lines = getattr(rows, "lines", None)
+    return f"row {k + 1}" if lines is None or lines[k] == k + 1 else f"row {k + 1} (line {lines[k]})"
+
+
+def read_rows(path: str | Path, what: str = "prompts") -> Rows:
     """Rows of a jsonl or parquet file; errors name the file and the line."""
     path = Path(path)
+    if path.is_dir():
+        raise AlignpipeError(f"{path}: a directory, not a {what} file")
     if not path.is_file():
-        raise AlignpipeError(f"prompts file not found: {path}")
+        raise AlignpipeError(f"{what} file not found: {path}")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            return Rows(pq.read_table(path).to_pylist())
         except Exception as exc:  # noqa: BLE001 - any pyarrow failure means an unreadable file
-            raise AlignpipeError(f"{path}: not a readable parquet file ({exc})") from None
-    rows = [row for _, row in jsonl_objects(path)]
-    if not rows:
+            reason = " ".join(str(exc).split())  # pyarrow's messages can span lines; the error is one line
+            raise AlignpipeError(f"{path}: not a readable parquet file ({reason})") from None
+    numbered = list(jsonl_objects(path))
+    if not numbered:
         raise AlignpipeError(f"{path}: no rows")
-    return rows
+    return Rows([row for _, row in numbered], [i for i, _ in numbered])
 
 
 def _rule_meta(row: dict) -> dict:
@@ -60,13 +99,14 @@ def _rule_meta(row: dict) -> dict:
 
 def to_prompts(rows: list[dict], path: str | Path, instruction: str = "") -> list[Prompt]:
     prompts = []
-    for i, row in enumerate(rows, start=1):
+    for k, row in enumerate(rows):
+        i, where = k + 1, row_label(rows, k)
         text = row.get("prompt", row.get("question"))
         if not isinstance(text, str) or not text.strip():
-            raise AlignpipeError(f"{path}: row {i}: missing or empty field 'prompt' (or 'question')")
+            raise AlignpipeError(f"{path}: {where}: missing or empty field 'prompt' (or 'question')")
         answer = row.get("answer")
         if answer is not None and not isinstance(answer, (str, int, float)):
-            raise AlignpipeError(f"{path}: row {i}: field 'answer' must be text or a number")
+            raise AlignpipeError(f"{path}: {where}: field 'answer' must be text or a number")
         full = f"{text.strip()}\n{instruction}".strip() if instruction else text.strip()
         meta = _rule_meta(row)
         if isinstance(row.get("response"), str) and row["response"].strip():  # a gold response (self_play)

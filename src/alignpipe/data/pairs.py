@@ -162,8 +162,12 @@ def pairs_from_rows(rows: list[dict], source: str = "rows", fmt: str = "auto") -
     """Triples from already-read rows; `fmt` is auto / hh / trl. Errors name source, row and field."""
     if fmt not in ("auto", "hh", "trl"):
         raise AlignpipeError(f"unknown pair format {fmt!r} (expected auto, hh or trl)")
+    from alignpipe.data.files import row_label
+
     out = []
-    for i, row in enumerate(rows, start=1):
+    for k, row in enumerate(rows):
+        # an empty response is a response: real hh-rlhf rows have one (the human preferred silence), and a
+        # judge compares it like any other (the `longer` judge prefers the other one)
         try:
             if not isinstance(row, dict):
                 raise PairFormatError("row", "expected an object")
@@ -171,12 +175,9 @@ def pairs_from_rows(rows: list[dict], source: str = "rows", fmt: str = "auto") -
                 messages, chosen, rejected = split_hh_pair(row.get("chosen"), row.get("rejected"))
             else:
                 messages, chosen, rejected = split_trl_row(row)
-            for name, value in (("chosen", chosen), ("rejected", rejected)):
-                if not value.strip():
-                    raise PairFormatError(name, "empty response")
         except PairFormatError as exc:
-            raise AlignpipeError(f"{source}: row {i}: field '{exc.field}': {exc}") from None
-        pid = str(row.get("id", f"{Path(source).stem}:{i}"))
+            raise AlignpipeError(f"{source}: {row_label(rows, k)}: field '{exc.field}': {exc}") from None
+        pid = str(row.get("id", f"{Path(source).stem}:{k + 1}"))
         out.append(make_pair(pid, messages, chosen, rejected, source=str(source)))
     return out
 
@@ -185,10 +186,9 @@ def load_pairs(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
     """Pairs from a jsonl or parquet file (hh-rlhf or TRL format)."""
     from alignpipe.data.files import read_rows
 
-    path = Path(path)
-    if not path.is_file():
-        raise AlignpipeError(f"pairs file not found: {path}")
-    rows = read_rows(path)
+    if limit is not None and limit < 1:
+        raise AlignpipeError(f"--limit must be at least 1, got {limit}")
+    rows = read_rows(path, "pairs")
     if limit is not None:
-        rows = rows[: max(0, limit)]
+        rows = rows.head(limit)
     return pairs_from_rows(rows, str(path), fmt)
