@@ -6,7 +6,7 @@ import random
 
 from alignpipe import AlignpipeError
 from alignpipe.data import TaskData
-from alignpipe.data.files import read_rows
+from alignpipe.data.files import read_rows, row_label
 from alignpipe.records import Prompt
 
 
@@ -20,13 +20,14 @@ def final_answer(solution: str) -> str:
 def to_prompts(rows: list[dict], path: str, instruction: str) -> list[Prompt]:
     prompts = []
     for i, row in enumerate(rows, start=1):
+        where = row_label(rows, i - 1)
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str):
-                raise AlignpipeError(f"{path}: row {i}: missing or non-text field {key!r}")
+                raise AlignpipeError(f"{path}: {where}: missing or non-text field {key!r}")
         try:
             answer = final_answer(row["answer"])
         except ValueError as exc:
-            raise AlignpipeError(f"{path}: row {i}: field 'answer': {exc}") from None
+            raise AlignpipeError(f"{path}: {where}: field 'answer': {exc}") from None
         text = f"{row['question'].strip()}\n{instruction}".strip()
         prompts.append(Prompt(id=f"gsm8k:{i}", prompt=text, task="math", reference=answer,
                               meta={"solution": row["answer"]}))
