@@ -117,7 +117,7 @@ def tables(report: dict[str, Any]) -> str:
     for r in report["results"]:
         groups.setdefault((r["backend"], r["verdict"]), []).append(r)
     for (backend, verdict), rows in groups.items():
-        kinds = [k for k in atk.KINDS if any(k in r["kinds"] for r in rows)]
+        kinds = [k for k in (*atk.KINDS, "control") if any(k in r["kinds"] for r in rows)]
         out.append(f"**{backend}, verdict {verdict}** ({report['cases']} cases; rate = successes / n, "
                    "unhardened -> hardened)\n")
         out.append("| judge | n/attack | clean: good wins | " + " | ".join(kinds) + " | all | flips | invalid |")

@@ -39,6 +39,10 @@ def test_corpus_has_thirty_attacks_of_every_kind():
     for attack, target, text in _hostile():
         assert CASE.bad.completion in text and text != CASE.bad.completion, (attack.name, target)
     assert atk.select(["score_claim"]) == [a for a in atk.ATTACKS if a.kind == "score_claim"]
+    assert atk.select(["control"]) == list(atk.CONTROLS) and not set(atk.CONTROLS) & set(atk.ATTACKS)
+    for control in atk.CONTROLS:  # benign: nothing the hardened prompt marks
+        text = control(CASE.bad.completion, atk.Target())
+        assert jp.harden(text) == text and CASE.bad.completion in text
     with pytest.raises(ValueError, match="unknown attack or kind 'nope'"):
         atk.select(["nope"])
 
