@@ -221,7 +221,8 @@ def run_alignpipe(spec: RunSpec) -> dict[str, Any]:
     tokens = [sum(pair_tokens(tokenizer, spec.pairs[i], spec.max_length) for i in batch) for batch in drawn]
     out = summarise(spec, meter, tokens)
     out |= {"rss_load_mb": rss_load, "same_batches_as_plan": drawn == spec.batches,
-            "trainer_tokens_per_s": metrics.get("tokens_per_s"), "loss": metrics.get("loss")}
+            "trainer_tokens_per_s": metrics.get("tokens_per_s"), "loss": metrics.get("loss"),
+            "prefix_sharing": getattr(cfg, "prefix_sharing", None)}
     return out
 
 
@@ -379,9 +380,24 @@ def main() -> None:
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(sys.argv), "data": str(args.data), "model": model, "uptime": _uptime(),
+            "git": _git_state(),
             "warmup": args.warmup, "steps": args.steps, "batch_size": args.batch_size, "data_per_length": data_notes}
     args.out.write_text(json.dumps({"meta": meta, "table": rows, "runs": results}, indent=1))
     print(f"\nwrote {args.out}")
+
+
+def _git_state() -> dict[str, Any]:
+    """The revision measured, and whether the trainer's files differed from it (figures from an uncommitted
+    trainer are not the revision's)."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).resolve().parent).stdout.rstrip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"revision": git("rev-parse", "HEAD"),
+            "uncommitted_optimization_files": git("status", "--porcelain", "--", "../src/alignpipe/optimization")}
 
 
 def _uptime() -> str:
