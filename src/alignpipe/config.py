@@ -402,6 +402,9 @@ class OptimizationConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=8)
     logprob_chunk: int = Field(1024, ge=1)  # positions per LM-head chunk
+    # one decoder pass per pair or group on a packed row (shared prompt once, no padding between its rows;
+    # optimization/packing.py): same values and gradients, fewer positions. false: one padded row per completion
+    prefix_sharing: bool = True
     temperature: float = Field(1.0, gt=0)  # divide logits by the sampling temperature (on-policy RL)
     # bf16: autocast matmuls (log-probs and losses stay fp32); auto: bf16 only where the CPU/GPU has it natively
     # (AVX512-BF16, AMX, bf16 GPUs), else fp32: emulated bf16 on an AVX2-only CPU is ~30x slower

@@ -76,6 +76,22 @@ class Instances:
             return [self._starts[i] + k for i in indices for k in range(len(self.rows[i]))]
         return [self._starts[i] for i in indices] + [self._starts[i] + 1 for i in indices]
 
+    def batch_groups(self, indices: list[int]) -> list[list[int]]:
+        """The rows of a batch (in `batch_rows` order) that share a prompt, one list per example: what
+        `sequence_logps(groups=...)` packs."""
+        if self.kind == "group":
+            out, at = [], 0
+            for i in indices:
+                out.append(list(range(at, at + len(self.rows[i]))))
+                at += len(self.rows[i])
+            return out
+        n = len(indices)
+        return [[j, n + j] for j in range(n)]
+
+    def flat_groups(self) -> list[list[int]]:
+        """`batch_groups` for `flat_rows()`: each example's rows are adjacent there."""
+        return [list(range(self._starts[i], self._starts[i + 1])) for i in range(len(self.rows))]
+
     def batch_rows(self, indices: list[int]) -> list[Row]:
         flat = self.flat_rows()
         return [flat[p] for p in self.flat_positions(indices)]

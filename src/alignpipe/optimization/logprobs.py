@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from alignpipe.optimization.packing import attention_for, pack_groups
+
 
 @dataclass
 class SequenceLogps:
@@ -62,12 +64,16 @@ def sequence_logps(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    groups: list[list[int]] | None = None,
 ) -> SequenceLogps:
     """Log-probs of completion tokens for right-padded `[prompt | completion | pad]` rows.
 
     input_ids, attention_mask, completion_mask: [B, L]; completion_mask is 1 on completion tokens
     (EOS included) only. Position t predicts token t+1, so outputs are [B, L-1].
     `temperature`: divide logits by the sampling temperature (on-policy RL); 1 for offline methods.
+    `groups`: rows that share a prompt (a pair's two rows, a group's K rows), as lists of row indices; the
+    decoder then runs once per group on the packed layout of `packing.py` (the shared prompt computed once, no
+    padding between a group's rows). Same values and gradients as without, in the same [B, L-1] layout.
     """
     targets = input_ids[:, 1:]
     mask = completion_mask[:, 1:].to(torch.bool)
@@ -79,7 +85,10 @@ def sequence_logps(
         selected = _label_logps_from_logits(logits[mask], targets[mask], temperature)
     else:
         decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        hidden = _packed_hidden(decoder, input_ids, attention_mask, groups) if groups else None
+        if hidden is None:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden[:, :-1]
         hidden_sel, targets_sel = hidden[mask], targets[mask]  # [P, H], [P]: completion positions only
         pieces = []
         for start in range(0, hidden_sel.shape[0], chunk_size):
@@ -94,6 +103,20 @@ def sequence_logps(
         logps=token_logps.sum(-1), token_logps=token_logps, mask=mask.float(), lengths=mask.sum(-1).float(),
         hidden=hidden,
     )
+
+
+def _packed_hidden(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   groups: list[list[int]]) -> torch.Tensor | None:
+    """The decoder's last hidden state [B, L, H] in the plain layout, computed on the prefix-shared packed
+    layout; None where the attention implementation takes no custom mask (then the caller runs plain)."""
+    packed = pack_groups(input_ids, attention_mask, groups)
+    dtype = next(decoder.parameters()).dtype
+    mask = attention_for(decoder.config, packed.attention, dtype)
+    if mask is None:
+        return None
+    out = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
+    flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+    return flat[packed.index]
 
 
 def _label_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -111,22 +111,34 @@ class _Apply(torch.nn.Module):
 @torch.no_grad()
 def completion_values(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
                       per_position: Callable[[SequenceLogps], torch.Tensor] = lambda seq: seq.token_logps,
-                      ) -> list[torch.Tensor]:
+                      groups: list[list[int]] | None = None) -> list[torch.Tensor]:
     """Per row, `per_position(seq)` ([B, L-1, ...]: the token log-probs by default) at its completion
-    positions, computed without gradient, dropout off, in length-sorted batches."""
+    positions, computed without gradient, dropout off, in length-sorted batches. `groups`: rows that share a
+    prompt (`Instances.flat_groups`), kept together in a batch and packed when `cfg.prefix_sharing`."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths pad little
+    packed = bool(groups) and cfg.prefix_sharing
+    units = groups if packed else [[i] for i in range(len(rows))]
+    units = sorted(units, key=lambda g: max(len(rows[i][0]) for i in g))  # similar lengths pad little
+    batches: list[list[list[int]]] = [[]]
+    for unit in units:  # about batch_size * 4 rows a batch, a group never split
+        if batches[-1] and sum(map(len, batches[-1])) + len(unit) > cfg.batch_size * 4:
+            batches.append([])
+        batches[-1].append(unit)
     values: dict[int, torch.Tensor] = {}
-    step = cfg.batch_size * 4
     device = next(model.parameters()).device
     with progress(transient=True) as bar:
         task = bar.add_task(desc, total=len(rows), info="")
-        for start in range(0, len(order), step):
-            idx = order[start : start + step]
+        for batch_units in batches:
+            idx = [i for unit in batch_units for i in unit]
+            local, at = [], 0
+            for unit in batch_units:
+                local.append(list(range(at, at + len(unit))))
+                at += len(unit)
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
             with autocast(cfg, device):
-                seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
+                seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
+                                     groups=local if packed else None)
             picked = per_position(seq)
             for j, i in enumerate(idx):
                 values[i] = picked[j][seq.mask[j].bool().to(picked.device)].cpu()
@@ -135,19 +147,21 @@ def completion_values(model, rows: list[Row], pad_id: int, cfg: OptimizationConf
     return [values[i] for i in range(len(rows))]
 
 
-def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str) -> list[torch.Tensor]:  # noqa: ANN001
+def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
+                     groups: list[list[int]] | None = None) -> list[torch.Tensor]:
     """Per row, the log-probs of its completion tokens (1-D), computed in length-sorted batches."""
-    return completion_values(model, rows, pad_id, cfg, desc)
+    return completion_values(model, rows, pad_id, cfg, desc, groups=groups)
 
 
 def reference_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
-                    reference_model: PreTrainedModel | None = None) -> list[torch.Tensor]:
+                    reference_model: PreTrainedModel | None = None,
+                    groups: list[list[int]] | None = None) -> list[torch.Tensor]:
     """`completion_logps` under the reference: the frozen copy when there is one (full fine-tuning against
     the base), else the policy inside `reference_context` (adapters disabled, or the policy as it is)."""
     if reference_model is not None:
-        return completion_logps(reference_model, rows, pad_id, cfg, desc)
+        return completion_logps(reference_model, rows, pad_id, cfg, desc, groups)
     with reference_context(model, cfg.reference):
-        return completion_logps(model, rows, pad_id, cfg, desc)
+        return completion_logps(model, rows, pad_id, cfg, desc, groups)
 
 
 def autocast(cfg: OptimizationConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -212,7 +226,7 @@ def optimize(
     specs = [OBJECTIVES[name] for name, _, _ in terms]
     instances = Instances(examples, tokenizer, cfg.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    flat = instances.flat_rows()
+    flat, flat_groups = instances.flat_rows(), instances.flat_groups()
 
     # Fixed for the whole round: computed once, before the first step.
     fixed: dict[str, list[torch.Tensor]] = {}
@@ -222,13 +236,15 @@ def optimize(
     if any(s.needs_reference for s in specs) and cfg.reference == "moving":
         moving = MovingReference(params, cfg.ref_sync_alpha, cfg.ref_sync_every, [n for n, _ in named])
     elif any(s.needs_reference for s in specs):
-        fixed["ref_token_logps"] = reference_logps(model, flat, pad_id, cfg, "reference log-probs", reference_model)
+        fixed["ref_token_logps"] = reference_logps(model, flat, pad_id, cfg, "reference log-probs", reference_model,
+                                                   flat_groups)
     if any(s.needs_old_policy for s in specs):
-        fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs")
+        fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs", flat_groups)
     signal: dict[str, float] = {}
     measure = cfg.measure_signal and "ref_token_logps" in fixed
     if measure:  # the implicit reward on the round's examples before its first step (round_signal.py)
-        before = fixed.get("old_token_logps") or completion_logps(model, flat, pad_id, cfg, "signal before")
+        before = fixed.get("old_token_logps") or completion_logps(model, flat, pad_id, cfg, "signal before",
+                                                                            flat_groups)
         signal |= labelled(implicit_reward_signal(instances.kind, before, fixed["ref_token_logps"],
                                                   objective_beta(terms)), "before")
     ctx = RoundContext(model, tokenizer, instances, cfg, pad_id, accelerator.device, reference_model, moving)
@@ -265,13 +281,15 @@ def optimize(
             for micro, indices in enumerate(_batches(len(examples), cfg.batch_size, rng)):
                 started = time.perf_counter()
                 batch = {k: v.to(accelerator.device) for k, v in collate(instances.batch_rows(indices), pad_id).items()}
+                groups = instances.batch_groups(indices) if cfg.prefix_sharing else None
                 live_ref = None
                 if moving is not None:  # before the policy forward: swapping weights would break its graph
                     with moving.swapped_in(), torch.no_grad(), autocast(cfg, accelerator.device):
                         live_ref = sequence_logps(model, **batch, temperature=cfg.temperature,
-                                                  chunk_size=cfg.logprob_chunk).token_logps
+                                                  chunk_size=cfg.logprob_chunk, groups=groups).token_logps
                 with autocast(cfg, accelerator.device):
-                    seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
+                    seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
+                                         groups=groups)
                 positions = instances.flat_positions(indices)
                 placed = {name: _place([values[p] for p in positions], seq.mask) for name, values in fixed.items()}
                 if live_ref is not None:
@@ -294,7 +312,7 @@ def optimize(
             if (micro + 1) % cfg.grad_accum:  # flush a partial accumulation at the end of an epoch
                 step()
     if measure:
-        after = completion_logps(model, flat, pad_id, cfg, "signal after")
+        after = completion_logps(model, flat, pad_id, cfg, "signal after", flat_groups)
         signal |= labelled(implicit_reward_signal(instances.kind, after, fixed["ref_token_logps"],
                                                   objective_beta(terms)), "after")
     timing = {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "step_time_s": train_seconds / steps,

@@ -174,7 +174,8 @@ def rollout_values(ctx: RoundContext, heads: nn.ModuleDict) -> dict[str, list[to
 
     keys = list(heads)
     per_row = completion_values(ctx.model, ctx.instances.flat_rows(), ctx.pad_id, ctx.cfg, "old values",
-                                lambda seq: torch.stack([apply_head(heads[k], seq.hidden) for k in keys], -1))
+                                lambda seq: torch.stack([apply_head(heads[k], seq.hidden) for k in keys], -1),
+                                groups=ctx.instances.flat_groups())
     return {k: [values[:, n] for values in per_row] for n, k in enumerate(keys)}
 
 
