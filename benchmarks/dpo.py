@@ -180,21 +180,28 @@ def _threads(spec: RunSpec) -> None:
         torch.set_num_threads(spec.threads)
 
 
-def run_alignpipe(spec: RunSpec) -> dict[str, Any]:
-    """alignpipe's `optimize()` on the spec's pairs (one epoch = warmup + steps batches)."""
+def _load(spec: RunSpec) -> tuple[Any, Any, float, Meter]:
+    """What both sides start from: threads, seed, tokenizer, model, the RSS after loading, a step meter."""
     import torch
 
-    from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig
-    from alignpipe.models import attach_adapter, load_policy, load_tokenizer
-    from alignpipe.optimization import trainer
-    from alignpipe.records import PairExample
+    from alignpipe.models import load_policy, load_tokenizer
 
     _threads(spec)
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(spec.model)
     model = load_policy(spec.model)
-    rss_load = peak_rss_mb()
-    meter = Meter(model.model)
+    return tokenizer, model, peak_rss_mb(), Meter(model.model)
+
+
+def run_alignpipe(spec: RunSpec) -> dict[str, Any]:
+    """alignpipe's `optimize()` on the spec's pairs (one epoch = warmup + steps batches)."""
+
+    from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig
+    from alignpipe.models import attach_adapter
+    from alignpipe.optimization import trainer
+    from alignpipe.records import PairExample
+
+    tokenizer, model, rss_load, meter = _load(spec)
     adapter = AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGETS) if spec.mode == "lora" else None
     model = attach_adapter(model, adapter)
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="dpo", beta=spec.beta)], adapter=adapter,
@@ -233,14 +240,8 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from alignpipe.models import load_policy, load_tokenizer
 
-    _threads(spec)
-    torch.manual_seed(spec.seed)
-    tokenizer = load_tokenizer(spec.model)
-    model = load_policy(spec.model)
-    rss_load = peak_rss_mb()
-    meter = Meter(model.model)
+    tokenizer, model, rss_load, meter = _load(spec)
     order = [i for batch in spec.batches for i in batch]
     data = Dataset.from_list([asdict(spec.pairs[i]) for i in order])  # plain text: the same templated prompt
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
