@@ -8,7 +8,8 @@ verdict (`passed`).
 
 Rules can also come with the data: `rule_verifier` reads `Prompt.meta["rules"]`, a list of specs such as
 `{"type": "regex", "pattern": "\\d+"}` (see `rule_from_spec`), combined by `Prompt.meta["rules_mode"]`
-(`all`, the default, or `any`).
+(`all`, the default, or `any`). The format rules of `rules_format` (sentence / paragraph / bullet / section /
+placeholder counts, word frequency, letter case, starts / ends with a phrase, a `<<title>>`) are specs too.
 
 Lengths count the completion with surrounding whitespace stripped; words are whitespace-separated tokens.
 """
@@ -187,7 +188,10 @@ def rule_from_spec(spec: dict[str, Any]) -> Rule:
     """A rule from a plain dict (YAML / JSON / Prompt.meta). Types and their fields:
     `regex` (pattern, flags: letters of "imsx", fullmatch), `contains_all` / `contains_none` (strings,
     case_sensitive), `char_length` (min, max), `word_count` (min, max), `valid_json` (required_keys,
-    allow_fence), `ends_with_number`. Every type takes an optional `name`."""
+    allow_fence), `ends_with_number`, and the types of `rules_format.FIELDS`. Every type takes an optional
+    `name`."""
+    from alignpipe.evaluation import rules_format  # imports this module: loaded on first use
+
     if not isinstance(spec, dict):
         raise ValueError(f"rule spec must be a mapping, got {type(spec).__name__}")
     kind = spec.get("type")
@@ -195,7 +199,7 @@ def rule_from_spec(spec: dict[str, Any]) -> Rule:
     allowed = {"regex": {"pattern", "flags", "fullmatch"}, "contains_all": {"strings", "case_sensitive"},
                "contains_none": {"strings", "case_sensitive"}, "char_length": {"min", "max"},
                "word_count": {"min", "max"}, "valid_json": {"required_keys", "allow_fence"},
-               "ends_with_number": set()}
+               "ends_with_number": set(), **rules_format.FIELDS}
     if kind not in allowed:
         raise ValueError(f"rule field 'type': unknown rule type {kind!r} (one of {sorted(allowed)})")
     unknown = set(fields) - allowed[kind] - {"name"}
@@ -203,6 +207,8 @@ def rule_from_spec(spec: dict[str, Any]) -> Rule:
         raise ValueError(f"rule {kind!r}: unknown field(s) {sorted(unknown)}")
     name = fields.pop("name", None)
     try:
+        if kind in rules_format.FIELDS:
+            return rules_format.rule_from_fields(kind, fields, name)
         if kind == "regex":
             if not isinstance(fields.get("pattern"), str):
                 raise ValueError("field 'pattern' is required and must be a string")
