@@ -1,4 +1,4 @@
-"""The command line: `alignpipe run`, `recipes`, `objectives`, `train-reward-model`, `judge-eval`, `report`,
+"""The command line: `alignpipe run`, `peft-compare`, `recipes`, `objectives`, `train-reward-model`, `judge-eval`, `report`,
 `label`, `label-agreement`."""
 
 from __future__ import annotations
@@ -67,6 +67,39 @@ def run(
     _print_summary(summary)
 
 
+@app.command("peft-compare")
+def peft_compare(
+    recipe: str | None = typer.Argument(None, help="Recipe YAML or built-in name (e.g. sft-gsm8k)"),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set task.path=data.jsonl"),
+    method: list[str] = typer.Option([], "--method", help="full, lora, ia3, prefix_tuning (repeatable; default all)"),
+    lr: list[str] = typer.Option([], "--lr", help="A method's learning rate, e.g. --lr ia3=1e-3"),
+) -> None:
+    """The same recipe with full fine-tuning, LoRA, IA3 and prefix tuning, each in its own process: trainable
+    parameters, peak memory, wall time and the held-out metric side by side."""
+    from alignpipe.peft_compare import METHODS, compare
+
+    rates = {}
+    for item in lr:
+        name, _, value = item.partition("=")
+        try:
+            rates[name] = float(value)
+        except ValueError:
+            raise AlignpipeError(f"--lr expects METHOD=NUMBER, got {item!r}") from None
+    rows = compare(recipe, _overrides(set_), method or list(METHODS), rates)
+    table = Table(title="PEFT side by side")
+    for col in ("method", "trainable params", "share", "lr", "peak RSS", "wall time", "held-out before", "after"):
+        table.add_column(col)
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["method"], r["status"], "", f"{r['learning_rate']:g}", "", f"{r['seconds']:.0f} s", "", "")
+            continue
+        show = (lambda m: f"loss {m['loss']:.4f}") if r["metric"] == "perplexity" else (lambda m: _pct(m["accuracy"]))
+        table.add_row(r["method"], f"{r['trainable_parameters']:,}",
+                      f"{r['trainable_parameters'] / r['total_parameters']:.3%}", f"{r['learning_rate']:g}",
+                      f"{r['peak_rss_mb'] / 1024:.2f} GB", f"{r['seconds']:.0f} s", show(r["before"]), show(r["after"]))
+    console.print(table)
+
+
 def _pct(x: float | None, sign: str = "") -> str:
     return "-" if x is None or x != x else f"{x:{sign}.1%}"
 
@@ -74,7 +107,18 @@ def _pct(x: float | None, sign: str = "") -> str:
 def _print_summary(summary: dict) -> None:
     metric = "pair preference (held-out human pairs)" if summary["heldout_metric"] == "pair_preference" \
         else "accuracy (greedy)"
-    if summary["before"]["accuracy"] is not None:  # None: a chat task without human pairs (win rate only)
+    if summary["before"].get("perplexity") is not None:  # instruction data: the held-out completion loss
+        table = Table(title=f"{summary['name']}: held-out completion loss (mean NLL per assistant token)")
+        for col in ("", "loss", "perplexity", "n"):
+            table.add_column(col)
+        for side in ("before", "after"):
+            table.add_row(side, f"{summary[side]['loss']:.4f}", f"{summary[side]['perplexity']:.2f}",
+                          str(summary[side]["n"]))
+        if "loss_difference" in summary:
+            table.add_row("difference", f"{summary['loss_difference']:+.4f} [{summary['loss_ci95_low']:+.4f}, "
+                          f"{summary['loss_ci95_high']:+.4f}] 95% CI", "", "")
+        console.print(table)
+    elif summary["before"]["accuracy"] is not None:  # None: a chat task without human pairs (win rate only)
         table = Table(title=f"{summary['name']}: held-out {metric}")
         for col in ("", "value", "n"):
             table.add_column(col)

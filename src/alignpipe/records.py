@@ -94,11 +94,23 @@ class GroupExample:
     baseline_score: float | None = None  # ReMax: the judged score of the policy's greedy decode
 
 
+@dataclass
+class SftExample:
+    """A demonstration (instruction tuning): a conversation whose assistant turns are all trained on, the last
+    one being the round's candidate (a gold, teacher or verified policy response)."""
+
+    messages: list[dict[str, str]]  # {"role": system|user|assistant, "content": ...}
+    prompt_id: str = ""
+    score: float = 0.0
+    weight: float = 1.0
+    truncated: bool = False  # the last turn hit max_new_tokens: no EOS is trained after it
+
+
 R = TypeVar("R")
 
 # Nested dicts (meta, source, scores) are stored as JSON text: their keys vary from row to row,
 # which a fixed Arrow struct cannot hold.
-_JSON_FIELDS = {"meta", "source", "scores", "dims", "chosen_dims", "rejected_dims"}
+_JSON_FIELDS = {"meta", "source", "scores", "dims", "chosen_dims", "rejected_dims", "messages"}
 
 
 def to_rows(records: list[Any]) -> list[dict[str, Any]]:

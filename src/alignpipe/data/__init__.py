@@ -15,8 +15,8 @@ class TaskData:
 
 
 def load_task(task, heldout_n: int) -> TaskData:  # noqa: ANN001 - a config.Task union
-    from alignpipe.data import arithmetic, files, gsm8k, humaneval, preferences
+    from alignpipe.data import arithmetic, files, gsm8k, humaneval, instructions, preferences
 
     loaders = {"arithmetic": arithmetic.load, "gsm8k": gsm8k.load, "file": files.load,
-               "preferences": preferences.load, "humaneval": humaneval.load}
+               "preferences": preferences.load, "humaneval": humaneval.load, "instructions": instructions.load}
     return loaders[task.kind](task, heldout_n)

@@ -65,7 +65,9 @@ def read_source(path: str | Path, limit: int | None = None) -> Rows:
     if path.is_dir():
         rows = _read_datasets_dir(path, limit)
     elif not path.is_file():
-        raise AlignpipeError(f"instruction data not found: {path}")
+        hint = " (run `alignpipe run self-instruct` first: it writes that file)" if \
+            path.as_posix().endswith("self-instruct/instructions.jsonl") else ""
+        raise AlignpipeError(f"instruction data not found: {path}{hint}")
     elif path.suffix == ".json" and _json_array(path):
         rows = _read_json_array(path)
     else:

@@ -2,7 +2,9 @@
 
 - tasks with a verifier: greedy accuracy of generated answers;
 - preference tasks: the share of held-out human pairs whose chosen response the policy gives the higher
-  length-normalised log-probability (reference-free, so it reads the same for every objective).
+  length-normalised log-probability (reference-free, so it reads the same for every objective);
+- instruction data: the completion loss of the held-out demonstrations (mean NLL per assistant token, over
+  every assistant turn) and its perplexity.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from alignpipe.config import OptimizationConfig
 from alignpipe.optimization.batching import encode
+from alignpipe.optimization.conversation import encode_conversation
 from alignpipe.optimization.trainer import completion_logps
 from alignpipe.records import Prompt
 
@@ -44,3 +47,22 @@ def pair_preference(model, tokenizer, prompts: list[Prompt], chat: Callable[[Pro
             "metric": "pair_preference"}
 
 
+
+
+def heldout_perplexity(model, tokenizer, prompts: list[Prompt], max_length: int = 512) -> dict[str, Any]:  # noqa: ANN001
+    """Completion loss of the held-out demonstrations (each prompt's turns plus its gold response): the mean
+    negative log-likelihood per assistant token over all of them (`loss`), `perplexity` = exp(loss), and each
+    demonstration's own per-token loss (`example_loss`, for a paired interval of before vs after)."""
+    from alignpipe.instantiation.sft import prompt_turns
+    from alignpipe.synthesis.sources import gold_response
+
+    rows = [encode_conversation(tokenizer, prompt_turns(p) + [{"role": "assistant", "content": gold_response(p) or ""}],
+                                max_length) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    values = completion_logps(model, rows, pad, OptimizationConfig(batch_size=4, max_length=max_length),
+                              "held-out loss")
+    tokens = sum(len(v) for v in values)
+    loss = -sum(v.sum().item() for v in values) / max(tokens, 1)
+    return {"accuracy": None, "n": len(prompts), "loss": loss, "perplexity": math.exp(loss), "tokens": tokens,
+            "example_loss": [-v.sum().item() / max(len(v), 1) for v in values], "correct": [],
+            "metric": "perplexity"}

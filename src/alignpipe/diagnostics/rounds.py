@@ -36,6 +36,7 @@ from alignpipe.records import (
     Judgment,
     PairExample,
     PointExample,
+    SftExample,
     json_safe,
     read_records,
     write_json,
@@ -263,6 +264,8 @@ def _examples_kind(path: Path) -> type:
         return PairExample
     if "completions" in names:
         return GroupExample
+    if "messages" in names:
+        return SftExample
     return PointExample
 
 
@@ -277,9 +280,12 @@ def example_section(round_dir: Path, metrics: dict | None) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         raise _Missing("examples.parquet", f"unreadable: {type(exc).__name__}: {exc}") from None
     examples = _read(round_dir, "examples.parquet", cls)
-    out: dict[str, Any] = {"kind": {PairExample: "pair", PointExample: "point", GroupExample: "group"}[cls],
-                           "count": len(examples)}
-    if cls is PairExample:
+    out: dict[str, Any] = {"kind": {PairExample: "pair", PointExample: "point", GroupExample: "group",
+                                    SftExample: "sft"}[cls], "count": len(examples)}
+    if cls is SftExample:
+        out["score"] = distribution([e.score for e in examples], extra=True)
+        out["assistant_turns"] = distribution([sum(m["role"] == "assistant" for m in e.messages) for e in examples])
+    elif cls is PairExample:
         out["margin"] = distribution([e.margin for e in examples], extra=True)
     elif cls is PointExample:
         out["score"] = distribution([e.score for e in examples], extra=True)

@@ -5,6 +5,8 @@
     rule_verifier | human_label             the gold one, HumanEval tests in the sandbox, a prompt's rules,
                                             a dataset's chosen/rejected label
     longer | shorter                        baselines: prefer the longer / shorter response (pointwise)
+    accept                                  every response kept as it is (score 1): instruction tuning on
+                                            trusted demonstrations (gold or teacher responses)
     reward-model:DIR                        a local sequence classifier (`RewardModelJudge`)
     pairwise[:BACKEND]                      LLM judges from `evaluation.llm_judge`: pairwise A/B/tie,
     pointwise[:BACKEND]                     1-10 score, Prometheus rubric, additive 0-5
@@ -47,7 +49,7 @@ LLM_KINDS = {"pairwise": "PairwiseLLMJudge", "pointwise": "PointwiseLLMJudge", "
              "additive": "AdditiveLLMJudge"}
 ENSEMBLES = ("mean", "median", "vote", "meta", "weighted")
 LIVE_MODELS = ("policy", "reference")  # bound by `alignpipe run`; their judges change as the policy trains
-KNOWN = ("math_verifier, code_verifier, rule_verifier, human_label, longer, shorter, reward-model:DIR, "
+KNOWN = ("math_verifier, code_verifier, rule_verifier, human_label, longer, shorter, accept, reward-model:DIR, "
          "pairwise|pointwise|rubric|additive|atomic|step-labels[:MODEL], both-orders:SPEC, ensemble:KIND:SPEC+SPEC")
 
 
@@ -59,7 +61,7 @@ def validate_spec(spec: str, reward_model_dirs_may_be_missing: bool = False) -> 
     kind, _, rest = spec.partition(":")
     if not spec:
         raise ValueError("empty judge spec")
-    if spec in VERIFIERS or (kind in ("longer", "shorter") and not rest):
+    if spec in VERIFIERS or spec == "accept" or (kind in ("longer", "shorter") and not rest):
         return
     if kind == "reward-model":
         if not rest:
@@ -101,6 +103,23 @@ class LengthJudge:
     def score(self, items: list[tuple[Prompt, Candidate]]) -> list[Judgment]:
         return [Judgment(prompt_id=p.id, candidate_ids=[c.id], judge=self.name,
                          scores={"length": self.sign * len(c.completion)}) for p, c in items]
+
+
+class AcceptJudge:
+    """No judging: every response is kept with score 1 (`accepted`), for demonstrations that are trusted as they
+    are (a dataset's gold responses, a teacher's). A response that could not be produced (a failed server
+    sample, marked in its source) is an error, never a demonstration."""
+
+    name = "accept"
+
+    def score(self, items: list[tuple[Prompt, Candidate]]) -> list[Judgment]:
+        out = []
+        for p, c in items:
+            failed = c.source.get("error")
+            out.append(Judgment(prompt_id=p.id, candidate_ids=[c.id], judge=self.name,
+                                scores={} if failed else {"accepted": 1.0}, status="error" if failed else "ok",
+                                reason=str(failed or "")))
+        return out
 
 
 def _optional(module: str, spec: str) -> Any:
@@ -200,6 +219,8 @@ class JudgeRegistry:
             return found
         if kind in ("longer", "shorter") and not rest:
             return LengthJudge(kind)
+        if spec == "accept":
+            return AcceptJudge()
         if kind == "reward-model":
             if not rest:
                 raise AlignpipeError("judge 'reward-model' needs a directory: reward-model:DIR")

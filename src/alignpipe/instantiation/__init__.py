@@ -1,4 +1,4 @@
-"""Stage 3: instantiation. Judgments become training examples (point-, pair- or group-wise)."""
+"""Stage 3: instantiation. Judgments become training examples (point-, pair- or group-wise, or demonstrations)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from alignpipe import AlignpipeError
-from alignpipe.records import Candidate, GroupExample, Judgment, PairExample, PointExample, Prompt
+from alignpipe.records import Candidate, GroupExample, Judgment, PairExample, PointExample, Prompt, SftExample
 
 
 @dataclass
@@ -210,6 +210,11 @@ def build_examples(cfg, prompts: list[Prompt], candidates: list[Candidate], judg
         examples, stats = best_vs_worst_pairs(prompts, candidates, judgments, chat_prompt, cfg.min_margin, seed,
                                               cfg.score)
         return examples, stats, PairExample
+    if cfg.kind == "sft":
+        from alignpipe.instantiation.sft import sft_examples  # builds on this module's helpers
+
+        examples, stats = sft_examples(prompts, candidates, judgments, cfg.label_threshold, cfg.score)
+        return examples, stats, SftExample
     if cfg.kind == "point":
         examples, stats = labelled_points(prompts, candidates, judgments, chat_prompt, cfg.label_threshold,
                                           cfg.score)

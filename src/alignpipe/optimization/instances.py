@@ -4,6 +4,7 @@
 - point: rows [completion, mismatched completion] per example; the mismatched row pairs the prompt with
          the next example's completion (the KTO reference point z0 reads its log-ratio).
 - group: rows = the K completions of the group; a batch is group-major.
+- sft:   one row per demonstration: the whole conversation, its mask on every assistant turn (and only there).
 
 `BASE_PROVIDED[kind]` is the set of tensor names built here for that kind; input providers
 (`optimization/providers/`) add more; `providers.provided(kind)` is the union, which the recipe loader checks every
@@ -17,8 +18,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alignpipe.optimization.batching import encode
+from alignpipe.optimization.conversation import encode_conversation
 from alignpipe.optimization.logprobs import SequenceLogps
-from alignpipe.records import GroupExample, PairExample, PointExample
+from alignpipe.records import GroupExample, PairExample, PointExample, SftExample
 
 Row = tuple[list[int], list[int]]
 
@@ -31,14 +33,21 @@ BASE_PROVIDED: dict[str, frozenset[str]] = {
     "point": frozenset({"logps", "lengths", "ref_logps", "labels", "scores", "weights", "kl_logps", "ref_kl_logps"}),
     "group": frozenset({"token_logps", "old_token_logps", "ref_token_logps", "completion_mask", "rewards",
                         "logps", "lengths", "ref_logps"}),
+    # `chosen_*` too: the demonstration is what the `sft` loss (written for the chosen side of pairs) reads
+    "sft": frozenset({"logps", "lengths", "token_logps", "completion_mask", "weights", "chosen_logps",
+                      "chosen_lengths"}),
 }
 
-
-
-
-
 def kind_of(example: object) -> str:
-    return {PairExample: "pair", PointExample: "point", GroupExample: "group"}[type(example)]
+    return {PairExample: "pair", PointExample: "point", GroupExample: "group", SftExample: "sft"}[type(example)]
+
+
+def encode_demonstration(tokenizer: PreTrainedTokenizerBase, example: SftExample, max_length: int) -> Row:
+    """The demonstration's row; a last turn cut off by max_new_tokens gets no EOS (it never ended)."""
+    ids, mask = encode_conversation(tokenizer, example.messages, max_length)
+    if example.truncated and ids and ids[-1] == tokenizer.eos_token_id:
+        ids, mask = ids[:-1], mask[:-1]
+    return ids, mask
 
 
 class Instances:
@@ -56,6 +65,8 @@ class Instances:
             if self.kind == "pair":
                 self.rows.append([enc(ex.prompt, ex.chosen, ex.chosen_truncated),
                                   enc(ex.prompt, ex.rejected, ex.rejected_truncated)])
+            elif self.kind == "sft":
+                self.rows.append([encode_demonstration(tokenizer, ex, max_length)])
             elif self.kind == "point":
                 other = examples[(i + 1) % len(examples)]
                 self.rows.append([enc(ex.prompt, ex.completion, ex.truncated),
@@ -72,14 +83,14 @@ class Instances:
 
     def flat_positions(self, indices: list[int]) -> list[int]:
         """Index into flat_rows() of each row of a batch, in batch layout order."""
-        if self.kind == "group":
+        if self.kind in ("group", "sft"):
             return [self._starts[i] + k for i in indices for k in range(len(self.rows[i]))]
         return [self._starts[i] for i in indices] + [self._starts[i] + 1 for i in indices]
 
     def batch_groups(self, indices: list[int]) -> list[list[int]]:
         """The rows of a batch (in `batch_rows` order) that share a prompt, one list per example: what
         `sequence_logps(groups=...)` packs."""
-        if self.kind == "group":
+        if self.kind in ("group", "sft"):
             out, at = [], 0
             for i in indices:
                 out.append(list(range(at, at + len(self.rows[i]))))
@@ -103,6 +114,10 @@ class Instances:
         dev = seq.logps.device
         ref_tokens = fixed.get("ref_token_logps")
         ref = (ref_tokens * seq.mask).sum(-1) if ref_tokens is not None else None
+        if self.kind == "sft":
+            return {"logps": seq.logps, "lengths": seq.lengths, "token_logps": seq.token_logps,
+                    "completion_mask": seq.mask, "chosen_logps": seq.logps, "chosen_lengths": seq.lengths,
+                    "weights": torch.tensor([e.weight for e in exs], dtype=torch.float32, device=dev)}
         if self.kind == "group":
             if len({len(e.scores) for e in exs}) != 1:
                 raise ValueError("all groups of a batch must have the same size")

@@ -1,6 +1,7 @@
 """Point-wise objectives (one completion and its label or score). Formulas: shared methods.md section 2.
 
-`sft` reads the chosen side of a pair; the others read point instances: `logps`, `lengths`, `labels`
+`sft` reads the chosen side of a pair, or an SFT demonstration (whose completion the sft instances hand over
+under the same names, `chosen_logps` / `chosen_lengths`); the others read point instances: `logps`, `lengths`, `labels`
 (desirable), `scores`, `ref_logps` [B], or reward-model outputs.
 """
 
@@ -14,13 +15,14 @@ import torch.nn.functional as F
 from alignpipe.optimization.objectives import Metrics, register
 
 
-@register("sft", family="sft", instances=("pair",), arxiv="2404.19733")
+@register("sft", family="sft", instances=("pair", "sft"), arxiv="2404.19733")
 def sft_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-    """Negative log-likelihood of the chosen completion, length-normalised per sequence.
+    """Negative log-likelihood of the chosen completion (or the demonstration), length-normalised per sequence.
 
     L = -logp(y_w) / |y_w|    (the NLL term of RPO, arXiv 2404.19733: DPO + alpha * NLL)
 
-    Inputs [B]: token-sum log-probs and completion lengths (EOS included). Combine with `dpo` in a
+    Inputs [B]: token-sum log-probs and completion lengths (EOS included; a multi-turn demonstration counts
+    the tokens of every assistant turn, and only those). On pairs, combine with `dpo` in a
     weighted objective list to get RPO. Returns per-example losses [B].
     """
     nll = -chosen_logps / chosen_lengths.clamp(min=1)
