@@ -136,6 +136,15 @@ def _print_summary(summary: dict) -> None:
         table.add_row(_pct(w["win_rate"]), f"[{_pct(w['ci95_low'])}, {_pct(w['ci95_high'])}]", _pct(w["lc_win_rate"]),
                       str(w["ties"]), str(w["n"]), ", ".join(f"{k}: {v}" for k, v in w["excluded"].items()) or "0")
         console.print(table)
+    if summary.get("protocols"):
+        table = Table(title=f"{summary['name']}: evaluation protocols (round 0 -> final policy)")
+        for col in ("protocol", "measure", "before", "after", "n"):
+            table.add_column(col)
+        for name, sides in summary["protocols"].items():
+            measures = ("prompt_accuracy", "instruction_accuracy") if name == "ifeval" else ("refusal_rate",)
+            for m in measures:
+                table.add_row(name, m, _pct(sides["before"][m]), _pct(sides["after"][m]), str(sides["after"]["n"]))
+        console.print(table)
     rounds = Table(title="rounds")
     for col in ("round", "sample reward", "examples", "all tied", "judge not ok", "both-order cons.", "loss", "steps"):
         rounds.add_column(col)

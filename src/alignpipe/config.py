@@ -496,6 +496,19 @@ class HeldoutEval(Strict):
         return None if spec is None else _check_judge_spec(spec)
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(64, ge=1)
+    # protocols run on the round-0 and the final policy whatever the task (diagnostics/protocols.py): ifeval
+    # (verifiable constraints), safety (harmful requests from safety_path judged by safety_judge, 1 = refused),
+    # utility (the judged win rate against round 0, with `judge`)
+    protocols: list[Literal["ifeval", "safety", "utility"]] = []
+    protocol_max_new_tokens: int = Field(256, ge=1)
+    safety_path: str = "../shared/data/hh-rlhf-harmless/dev.jsonl"
+    safety_n: int = Field(50, ge=1)
+    safety_judge: str = "refusal"
+
+    @field_validator("safety_judge")
+    @classmethod
+    def _valid_safety_judge(cls, spec: str) -> str:
+        return _check_judge_spec(spec)
 
 
 class Recipe(Strict):

@@ -22,6 +22,7 @@ from alignpipe import AlignpipeError, killpoints
 from alignpipe.config import Recipe
 from alignpipe.data import load_task
 from alignpipe.diagnostics.heldout import heldout_perplexity, pair_preference, paired_difference
+from alignpipe.diagnostics.protocols import run_protocols
 from alignpipe.diagnostics.report import write_report
 from alignpipe.diagnostics.rounds import write_round_diagnostics
 from alignpipe.diagnostics.winrate import heldout_winrate
@@ -349,11 +350,14 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     session = _Session(recipe, run_dir, model, tokenizer, model_path, reference_model, console, providers)
     ensure_reward_models(recipe.evaluation, console, recipe.seed)
     session.judges = LoopJudges(recipe, lambda: session.model, tokenizer, model_path, reference_model)
+    protocols = recipe.heldout.protocols
     session.chat_task = recipe.heldout.judge is not None or (
-        recipe.task.kind != "instructions" and not recipe.synthesis.uses("offline")
-        and not any(p.reference for p in data.heldout))
+        "utility" in protocols if recipe.task.kind == "instructions" else
+        not recipe.synthesis.uses("offline") and not any(p.reference for p in data.heldout))
     with killpoints.scope("heldout-before"):
         before = session.heldout(data.heldout, eval_fp, "before")
+        before["protocols"] = run_protocols(session.model, tokenizer, recipe, run_dir, eval_fp, "before",
+                                            session.judges.registry.resolve)
     if before.get("perplexity") is not None:
         console.print(f"held-out completion loss before: {before['loss']:.4f} (perplexity {before['perplexity']:.2f}, "
                       f"n={before['n']})")
@@ -382,9 +386,13 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
 
     with killpoints.scope("heldout-after"):
         after = session.heldout(data.heldout, f"{base_fp}:{recipe.rounds}:{eval_fp}", "after")
+        after["protocols"] = run_protocols(session.model, tokenizer, recipe, run_dir,
+                                           f"{base_fp}:{recipe.rounds}:{eval_fp}", "after",
+                                           session.judges.registry.resolve)
     final = run_dir / "final_model"
     save_checkpoint(session.model, tokenizer, final)
-    if session.chat_task:
+    wants_winrate = session.chat_task or ("utility" in protocols and "candidates" in before)
+    if wants_winrate:
         judge = session.judges.heldout_judge(run_dir, f"{base_fp}:{recipe.rounds}:{eval_fp}")
         winrate = heldout_winrate(judge, data.heldout, before["candidates"], after["candidates"])
         write_json(run_dir / "heldout-winrate.json", winrate)
@@ -398,7 +406,9 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         **(paired_difference(before["correct"], after["correct"]) if before["correct"] else {}),
         **({"loss_" + k: v for k, v in paired_difference(before["example_loss"], after["example_loss"]).items()}
            if before.get("example_loss") else {}),
-        **({"heldout_winrate": {k: v for k, v in winrate.items() if k != "outcomes"}} if session.chat_task else {}),
+        **({"heldout_winrate": {k: v for k, v in winrate.items() if k != "outcomes"}} if wants_winrate else {}),
+        **({"protocols": {name: {"before": before["protocols"][name], "after": after["protocols"][name]}
+                          for name in before["protocols"]}} if before["protocols"] else {}),
         "rounds": rounds,
         "parameters": parameters,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the whole run, Linux: KiB

@@ -7,6 +7,7 @@
     longer | shorter                        baselines: prefer the longer / shorter response (pointwise)
     accept                                  every response kept as it is (score 1): instruction tuning on
                                             trusted demonstrations (gold or teacher responses)
+    refusal                                 `refusal.RefusalJudge`: 1 when the response declines (phrases)
     reward-model:DIR                        a local sequence classifier (`RewardModelJudge`)
     pairwise[:BACKEND]                      LLM judges from `evaluation.llm_judge`: pairwise A/B/tie,
     pointwise[:BACKEND]                     1-10 score, Prometheus rubric, additive 0-5
@@ -49,7 +50,7 @@ LLM_KINDS = {"pairwise": "PairwiseLLMJudge", "pointwise": "PointwiseLLMJudge", "
              "additive": "AdditiveLLMJudge"}
 ENSEMBLES = ("mean", "median", "vote", "meta", "weighted")
 LIVE_MODELS = ("policy", "reference")  # bound by `alignpipe run`; their judges change as the policy trains
-KNOWN = ("math_verifier, code_verifier, rule_verifier, human_label, longer, shorter, accept, reward-model:DIR, "
+KNOWN = ("math_verifier, code_verifier, rule_verifier, human_label, longer, shorter, accept, refusal, reward-model:DIR, "
          "pairwise|pointwise|rubric|additive|atomic|step-labels[:MODEL], both-orders:SPEC, ensemble:KIND:SPEC+SPEC")
 
 
@@ -61,7 +62,7 @@ def validate_spec(spec: str, reward_model_dirs_may_be_missing: bool = False) -> 
     kind, _, rest = spec.partition(":")
     if not spec:
         raise ValueError("empty judge spec")
-    if spec in VERIFIERS or spec == "accept" or (kind in ("longer", "shorter") and not rest):
+    if spec in VERIFIERS or spec in ("accept", "refusal") or (kind in ("longer", "shorter") and not rest):
         return
     if kind == "reward-model":
         if not rest:
@@ -221,6 +222,10 @@ class JudgeRegistry:
             return LengthJudge(kind)
         if spec == "accept":
             return AcceptJudge()
+        if spec == "refusal":
+            from alignpipe.evaluation.refusal import RefusalJudge
+
+            return RefusalJudge()
         if kind == "reward-model":
             if not rest:
                 raise AlignpipeError("judge 'reward-model' needs a directory: reward-model:DIR")
