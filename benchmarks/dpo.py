@@ -105,12 +105,13 @@ def fitting_pairs(path: Path, tokenizer: Any, max_length: int, n: int) -> tuple[
     raise SystemExit(f"{path}: only {len(out)} pairs fit in max_length {max_length}, {n} needed")
 
 
-def plan_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
-    """The batches alignpipe's trainer draws for `n` examples (its own shuffle, same seed); TRL is given the pairs
-    in this order with a sequential sampler, so that step k of both trains on the same pairs."""
+def plan_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """The batches alignpipe's trainer draws for pairs of these token counts (its own shuffle and length
+    bucketing, same seed); TRL is given the pairs in this order with a sequential sampler, so that step k of both
+    trains on the same pairs."""
     from alignpipe.optimization.trainer import _batches
 
-    return list(_batches(n, batch_size, random.Random(seed)))
+    return list(_batches(len(lengths), batch_size, random.Random(seed), lengths))
 
 
 # ---------------------------------------------------------------- measuring inside a worker
@@ -212,8 +213,8 @@ def run_alignpipe(spec: RunSpec) -> dict[str, Any]:
     drawn: list[list[int]] = []
     original = trainer._batches
 
-    def recording(n: int, batch_size: int, rng: random.Random):  # noqa: ANN202 - a generator like the original
-        for batch in original(n, batch_size, rng):
+    def recording(n: int, batch_size: int, rng: random.Random, lengths=None):  # noqa: ANN001, ANN202 - a generator
+        for batch in original(n, batch_size, rng, lengths):
             drawn.append(list(batch))
             yield batch
 
@@ -358,12 +359,13 @@ def main() -> None:
     model = str(resolve_model_path(args.model))
     tokenizer = load_tokenizer(model)
     n = (args.warmup + args.steps) * args.batch_size
-    batches = plan_batches(n, args.batch_size, seed=0)
     results, data_notes = [], {}
     with tempfile.TemporaryDirectory() as work:
         for length in args.lengths:
             pairs, skipped = fitting_pairs(args.data, tokenizer, length, n)
-            mean = sum(pair_tokens(tokenizer, p, length) for p in pairs) / len(pairs)
+            counts = [pair_tokens(tokenizer, p, length) for p in pairs]
+            batches = plan_batches(counts, args.batch_size, seed=0)
+            mean = sum(counts) / len(pairs)
             data_notes[length] = {"pairs": n, "passed_over_too_long": skipped, "mean_tokens_per_pair": mean}
             print(f"L={length}: first {n} pairs that fit ({skipped} longer ones passed over), "
                   f"{mean:.0f} tokens per pair (chosen + rejected)", flush=True)

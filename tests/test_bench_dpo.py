@@ -39,7 +39,8 @@ def make_spec(bench, tiny_model_path: Path, tok, framework: str, mode: str = "fu
     pairs = [bench.BenchPair(format_prompt(tok, text), chosen, rejected) for text, chosen, rejected in PAIRS]
     # 2 pairs a step, so a step's rows have different lengths and are padded: the count must leave padding out
     return bench.RunSpec(framework, str(tiny_model_path), mode, max_length=64, batch_size=2, warmup=1, steps=1,
-                         pairs=pairs, batches=bench.plan_batches(4, 2, seed=0), learning_rate=1e-3)
+                         pairs=pairs, batches=bench.plan_batches([bench.pair_tokens(tok, p, 64) for p in pairs], 2,
+                                                                 seed=0), learning_rate=1e-3)
 
 
 def test_hand_count_matches_the_trainers_rows(bench, tok):

@@ -129,3 +129,31 @@ def test_bf16_autocast_logps_close_to_fp32(tiny_model_path):
             half = sequence_logps(model, **batch)
     assert half.logps.dtype == torch.float32
     torch.testing.assert_close(half.logps, full.logps, atol=0.1, rtol=0.02)
+
+
+def test_length_bucketing_batches_similar_lengths_and_covers_every_example():
+    import random
+
+    from alignpipe.optimization.trainer import BUCKET_BATCHES, _batches
+
+    rng = random.Random(5)
+    lengths = [rng.randint(5, 300) for _ in range(300)]
+    plain = list(_batches(300, 4, random.Random(0)))
+    bucketed = list(_batches(300, 4, random.Random(0), lengths))
+    assert sorted(i for b in bucketed for i in b) == list(range(300)) and all(len(b) <= 4 for b in bucketed)
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(bucketed) < padding(plain) / 5
+    # each batch is a run of one window's sorted lengths: the window is the shuffle's slice the batch came from
+    shuffled = list(range(300))
+    random.Random(0).shuffle(shuffled)
+    windows = [shuffled[s:s + 4 * BUCKET_BATCHES] for s in range(0, 300, 4 * BUCKET_BATCHES)]
+    for batch in bucketed:
+        window = next(w for w in windows if batch[0] in w)
+        assert set(batch) <= set(window)
+        inside = sorted(window, key=lambda i: lengths[i])  # stable: ties keep their shuffled order
+        start = inside.index(batch[0])
+        assert batch == inside[start:start + len(batch)]
+    assert list(_batches(300, 4, random.Random(0), None)) == plain  # off: the plain seeded shuffle

@@ -424,6 +424,8 @@ class OptimizationConfig(Strict):
     # one decoder pass per pair or group on a packed row (shared prompt once, no padding between its rows;
     # optimization/packing.py): same values and gradients, fewer positions. false: one padded row per completion
     prefix_sharing: bool = True
+    # batches of examples of similar length (windows of 16 batches sorted by length, then shuffled): less padding
+    length_bucketing: bool = True
     temperature: float = Field(1.0, gt=0)  # divide logits by the sampling temperature (on-policy RL)
     # bf16: autocast matmuls (log-probs and losses stay fp32); auto: bf16 only where the CPU/GPU has it natively
     # (AVX512-BF16, AMX, bf16 GPUs), else fp32: emulated bf16 on an AVX2-only CPU is ~30x slower

@@ -194,11 +194,24 @@ def round_providers(specs: list, kind: str, cfg: OptimizationConfig, kept: list[
     return out
 
 
-def _batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+BUCKET_BATCHES = 16  # length bucketing sorts windows of this many batches: shorter padding, order still shuffled
+
+
+def _batches(n: int, batch_size: int, rng: random.Random, lengths: list[int] | None = None) -> Iterator[list[int]]:
+    """Example indices of each step: a seeded shuffle cut into batches. With `lengths` (length bucketing), each
+    window of BUCKET_BATCHES batches of the shuffle is sorted by length before it is cut, and the batches are
+    then shuffled again: a batch holds examples of similar length, so little of it is padding."""
     order = list(range(n))
     rng.shuffle(order)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+    if lengths is None:
+        yield from (order[start : start + batch_size] for start in range(0, n, batch_size))
+        return
+    window, batches = batch_size * BUCKET_BATCHES, []
+    for start in range(0, n, window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    yield from batches
 
 
 def optimize(
@@ -259,6 +272,7 @@ def optimize(
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rng = random.Random(seed)
+    lengths = [sum(len(ids) for ids, _ in rows) for rows in instances.rows] if cfg.length_bucketing else None
     sums: dict[str, float] = defaultdict(float)
     steps = updates = 0
     grad_norms: list[float] = []
@@ -278,7 +292,7 @@ def optimize(
     with progress() as bar:
         task = bar.add_task("training", total=-(-len(examples) // cfg.batch_size) * cfg.epochs, info="")
         for _epoch in range(cfg.epochs):
-            for micro, indices in enumerate(_batches(len(examples), cfg.batch_size, rng)):
+            for micro, indices in enumerate(_batches(len(examples), cfg.batch_size, rng, lengths)):
                 started = time.perf_counter()
                 batch = {k: v.to(accelerator.device) for k, v in collate(instances.batch_rows(indices), pad_id).items()}
                 groups = instances.batch_groups(indices) if cfg.prefix_sharing else None
