@@ -26,7 +26,7 @@ CASES: list[dict[str, Any]] = yaml.safe_load(CASES_FILE.read_text(encoding="utf-
 # a hang guard, not a timing assertion: every case fails within seconds; one that runs on was accepted and is
 # doing real work (an empty recipe once started the quickstart on the embedded model)
 CASE_TIMEOUT_S = 150
-GROUPS = ("recipe", "set", "prompts", "pairs", "option", "labels", "rm", "model", "resume")
+GROUPS = ("recipe", "set", "prompts", "pairs", "option", "labels", "rm", "model", "resume", "instructions")
 
 TINY_RECIPE = """\
 name: tiny
