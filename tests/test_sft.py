@@ -211,3 +211,28 @@ def test_protocols_run_before_and_after_on_any_task(tmp_path, tiny_model_path):
         expected = sum(is_refusal(a.completion) for a in safety) / 3
         assert summary["protocols"]["safety"][side] == {"refusal_rate": expected, "n": 3, "not_ok": 0,
                                                         "judge": "refusal"}
+
+
+def test_rejection_sampling_keeps_only_verified_samples(tmp_path, tiny_model_path):
+    """STaR / RFT: the policy's own samples, kept only where the math verifier accepts them."""
+    from alignpipe.evaluation.verifiers import verifier
+
+    prompts = tmp_path / "prompts.jsonl"  # single-digit answers: a random model's samples are sometimes right
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
+                               for i in range(30)))
+    summary = run(Recipe.model_validate({
+        "name": "star", "model": str(tiny_model_path), "output_dir": str(tmp_path / "runs"),
+        "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.2},
+        "synthesis": {"prompts_per_round": 16, "samples_per_prompt": 8, "max_new_tokens": 3, "temperature": 1.0},
+        "evaluation": {"judge": "math_verifier"}, "instantiation": {"kind": "sft", "label_threshold": 1.0},
+        "optimization": {"objectives": [{"name": "sft"}], "batch_size": 4, "adapter": {"r": 4, "alpha": 8}},
+        "heldout": {"n": 6, "max_new_tokens": 3}}))
+    round_dir = tmp_path / "runs" / "star" / "round-00"
+    examples = read_records(round_dir / "examples.parquet", SftExample)
+    prompts_by_id = {p.id: p for p in read_records(round_dir / "prompts.parquet", Prompt)}
+    candidates = read_records(round_dir / "candidates.parquet", Candidate)
+    check = verifier("math_verifier")
+    verdicts = check.score([(prompts_by_id[c.prompt_id], c) for c in candidates])
+    right = {(c.prompt_id, c.completion) for c, j in zip(candidates, verdicts, strict=True) if j.scores["correct"] == 1}
+    assert {(e.prompt_id, e.messages[-1]["content"]) for e in examples} == right  # every right one, once
+    assert 0 < len(examples) < len(candidates) and summary["rounds"][0]["examples"] == len(examples)
