@@ -52,12 +52,20 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set rounds=2"),
     output_dir: str | None = typer.Option(None, help="Where runs/<name>/ goes (default: ./runs)"),
 ) -> None:
-    """Run the closed loop: R rounds of synthesis -> evaluation -> instantiation -> optimization."""
+    """Run the closed loop: R rounds of synthesis -> evaluation -> instantiation -> optimization (or, for a recipe
+    with a top-level `build:` key, build an instruction dataset: self-instruct, evol-instruct)."""
     from alignpipe.config import load_recipe
+    from alignpipe.synthesis.instruction_build.config import build_recipe_path, load_build_recipe
 
     overrides = _overrides(set_)
     if output_dir:
         overrides["output_dir"] = output_dir
+    build = build_recipe_path(recipe)
+    if build is not None:
+        from alignpipe.synthesis.instruction_build.run import run_build
+
+        run_build(load_build_recipe(build, overrides), console)
+        return
     cfg = load_recipe(recipe, overrides)
     from alignpipe.loop import (
         run as run_loop,  # after the recipe: a bad one fails without importing transformers
