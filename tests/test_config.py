@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from alignpipe import AlignpipeError
 from alignpipe.config import load_recipe
@@ -93,6 +94,11 @@ def test_builtin_recipes_all_load(tiny_model_path, tmp_path, monkeypatch):
                     load_recipe(path)
             teacher = [{"source": "teacher", "k": 2, "model": str(tiny_model_path)}, {"source": "policy", "k": 2}]
             assert load_recipe(path, {"synthesis.mixture": teacher}).name == "distill"
+            continue
+        if "build" in yaml.safe_load(path.read_text()):  # a dataset build (Self-Instruct, Evol-Instruct)
+            from alignpipe.synthesis.instruction_build.config import load_build_recipe
+
+            assert load_build_recipe(path).name == path.stem
             continue
         assert load_recipe(path).name == path.stem
 
