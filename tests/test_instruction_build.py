@@ -172,6 +172,10 @@ def test_instruction_prompt_numbers_the_examples():
     ("Write a poem about the sea.", "#Rewritten Prompt#: Write a poem about the stormy sea.", "copied_prompt"),
     ("Write a poem about the sea.", "Here is the rewritten prompt: write a sonnet.", "copied_prompt"),
     ("Write a poem about the sea.", "As the given prompt says, write a sonnet.", "copied_prompt"),
+    ("Write a poem about the sea.", "You are turning an instruction into a harder version of itself.",
+     "copied_prompt"),  # an echo of the evolving prompt's own words
+    ("Write a poem about the sea.", "Write a sea poem, and add one more constraint or requirement that an answer "
+     "has to meet.", "copied_prompt"),
     ("Write a poem about the sea.", "Write a poem about the sea at night, in exactly four rhyming lines.", None),
 ])
 def test_instruction_elimination(original, evolved, reason):

@@ -14,7 +14,9 @@ The generator's output is the evolved instruction (stripped, matched quotes remo
 instruction rules are answered by the generator. Elimination rules, the first that applies is counted:
 
 1. `copied_prompt`: the evolved instruction copies words of the evolving prompt: "#Given Prompt#",
-   "#Rewritten Prompt#", "given prompt", "rewritten prompt" (and "created prompt", the breadth prompt's marker);
+   "#Rewritten Prompt#", "given prompt", "rewritten prompt" (and "created prompt", the breadth prompt's marker),
+   or six words in a row of the evolving prompts' own text (small models echo their instructions: "You are
+   turning an instruction into a harder version...");
 2. `no_gain`: the evolution gives no information gain over the original. Judged by a simple check, not by the
    generator (a 135M model's yes/no would be noise): the evolved text equals the original (case and whitespace
    ignored), or every content word of it (lower-cased alphanumeric tokens that are not stop words) already
@@ -67,6 +69,7 @@ BREADTH_TEMPLATE = (
     "#Given Prompt#:\n{instruction}\n\n#Created Prompt#:\n"
 )
 COPY_MARKERS = ("#given prompt#", "#rewritten prompt#", "given prompt", "rewritten prompt", "created prompt")
+ECHO_WORDS = 6  # this many words in a row of the evolving prompts' own text is a copy
 
 STOPWORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below between both but
@@ -78,6 +81,17 @@ will with would you your yours yourself yourselves also may might must shall s t
 """.split())
 _WORD = re.compile(r"[a-z0-9]+")
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "`": "`"}
+
+
+def _ngrams(text: str, n: int = ECHO_WORDS) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+# the word 6-grams of the evolving prompts without the instruction they carry
+_PROMPT_NGRAMS = set().union(*(_ngrams(part) for template in (DEPTH_TEMPLATE, BREADTH_TEMPLATE)
+                               for part in template.split("{instruction}")[0].split("{method}")),
+                             *(_ngrams(method) for method in DEPTH_METHODS.values()))
 
 
 def evolution_prompt(operation: str, instruction: str) -> str:
@@ -99,7 +113,7 @@ def content_words(text: str) -> set[str]:
 
 def instruction_failure(original: str, evolved: str) -> str | None:
     """Rules 1-2 of the module docstring on an evolved instruction (None: it passes)."""
-    if any(marker in evolved.lower() for marker in COPY_MARKERS):
+    if any(marker in evolved.lower() for marker in COPY_MARKERS) or _ngrams(evolved) & _PROMPT_NGRAMS:
         return "copied_prompt"
     if normalize(evolved) == normalize(original) or content_words(evolved) <= content_words(original):
         return "no_gain"
