@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from alignpipe import AlignpipeError
-from alignpipe.recipe_io import read_recipe_yaml
+from alignpipe.recipe_io import apply_overrides, read_recipe_yaml
 
 # task kinds whose prompts carry a gold response (synthesis/sources.py `gold_response`); a `file` task has one
 # where its rows have a `response` column, checked when the file is read
@@ -604,16 +604,7 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
         elif not path.exists():
             raise AlignpipeError(f"recipe file not found: {path}")
     data = read_recipe_yaml(path)
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        if not all([*parents, leaf]):
-            raise AlignpipeError(f"--set {dotted}: an empty key (keys are dotted paths such as synthesis.temperature)")
-        for depth, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise AlignpipeError(f"--set {dotted}: {'.'.join(parents[:depth + 1])} is a value, not a section")
-        node[leaf] = value
+    apply_overrides(data, overrides)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:

@@ -118,3 +118,19 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> None:
         raise AlignpipeError(f"{run_dir}: its rounds were made with a different recipe ({shown}); resuming would "
                              f"redo them over the finished ones: keep the recipe, run under a new name "
                              f"(--set name=NEW), or remove {run_dir} to start over")
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
+    """`--set` overrides (dotted keys such as synthesis.temperature) written into a recipe's YAML data, in place;
+    a key that is empty or runs through a value is an error naming it."""
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        if not all([*parents, leaf]):
+            raise AlignpipeError(f"--set {dotted}: an empty key (keys are dotted paths such as synthesis.temperature)")
+        for depth, p in enumerate(parents):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise AlignpipeError(f"--set {dotted}: {'.'.join(parents[:depth + 1])} is a value, not a section")
+        node[leaf] = value
+    return data

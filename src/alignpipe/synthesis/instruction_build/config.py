@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from alignpipe import AlignpipeError
 from alignpipe.config import Strict, _format_error
-from alignpipe.recipe_io import read_recipe_yaml
+from alignpipe.recipe_io import apply_overrides, read_recipe_yaml
 from alignpipe.synthesis.instruction_build.rouge_filter import DEFAULT_BLOCKLIST
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -163,16 +163,7 @@ def load_build_recipe(recipe: str | Path, overrides: dict[str, Any] | None = Non
     if path is None:
         raise AlignpipeError(f"recipe file not found: {recipe}")
     data = read_recipe_yaml(path)
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        if not all([*parents, leaf]):
-            raise AlignpipeError(f"--set {dotted}: an empty key (keys are dotted paths such as responses.temperature)")
-        for depth, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise AlignpipeError(f"--set {dotted}: {'.'.join(parents[:depth + 1])} is a value, not a section")
-        node[leaf] = value
+    apply_overrides(data, overrides)
     kind = data.get("build")
     if kind not in KINDS:
         raise AlignpipeError(f"{path}: invalid recipe: build: expected one of {', '.join(KINDS)}, got {kind!r}")
