@@ -384,16 +384,16 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         with killpoints.scope(f"round-{r:02d}"):
             rounds.append(_run_round(session, r, prompts, fp))
 
+    after_fp = f"{base_fp}:{recipe.rounds}:{eval_fp}"  # the final policy's evaluations: every round and the eval
     with killpoints.scope("heldout-after"):
-        after = session.heldout(data.heldout, f"{base_fp}:{recipe.rounds}:{eval_fp}", "after")
-        after["protocols"] = run_protocols(session.model, tokenizer, recipe, run_dir,
-                                           f"{base_fp}:{recipe.rounds}:{eval_fp}", "after",
+        after = session.heldout(data.heldout, after_fp, "after")
+        after["protocols"] = run_protocols(session.model, tokenizer, recipe, run_dir, after_fp, "after",
                                            session.judges.registry.resolve)
     final = run_dir / "final_model"
     save_checkpoint(session.model, tokenizer, final)
     wants_winrate = session.chat_task or ("utility" in protocols and "candidates" in before)
     if wants_winrate:
-        judge = session.judges.heldout_judge(run_dir, f"{base_fp}:{recipe.rounds}:{eval_fp}")
+        judge = session.judges.heldout_judge(run_dir, after_fp)
         winrate = heldout_winrate(judge, data.heldout, before["candidates"], after["candidates"])
         write_json(run_dir / "heldout-winrate.json", winrate)
         console.print(f"held-out win rate of the final policy against round 0 ({judge.name}): "
