@@ -25,11 +25,14 @@ HEAVY = ("run", "judge-eval", "train-reward-model")  # commands that run a model
 
 @app.callback()
 def _setup(ctx: typer.Context) -> None:
-    """torch threads = the cores this process may use (affinity, cgroup quota); ALIGNPIPE_THREADS overrides."""
+    """torch threads = the cores this process may use (affinity, cgroup quota) shared among the processes of a
+    multi-process run; ALIGNPIPE_THREADS overrides. Under accelerate's launcher, join its process group."""
     if ctx.invoked_subcommand in HEAVY:
+        from alignpipe import distributed
         from alignpipe.threads import configure_threads
 
         configure_threads()
+        distributed.init()
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -51,10 +54,17 @@ def run(
                                            "Default: the quickstart on the embedded model."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set rounds=2"),
     output_dir: str | None = typer.Option(None, help="Where runs/<name>/ goes (default: ./runs)"),
+    num_processes: int = typer.Option(1, "--num-processes", min=1,
+                                      help="Run on N processes through `accelerate launch` (data-parallel)"),
+    accelerate_config: str | None = typer.Option(None, "--accelerate-config",
+                                                 help="accelerate config file for --num-processes"),
 ) -> None:
     """Run the closed loop: R rounds of synthesis -> evaluation -> instantiation -> optimization (or, for a recipe
     with a top-level `build:` key, build an instruction dataset: self-instruct, evol-instruct)."""
+    from alignpipe import distributed
     from alignpipe.config import load_recipe
+
+    launching = (num_processes > 1 or accelerate_config is not None) and distributed.world_size() == 1
     from alignpipe.synthesis.instruction_build.config import build_recipe_path, load_build_recipe
 
     overrides = _overrides(set_)
@@ -64,15 +74,24 @@ def run(
     if build is not None:
         from alignpipe.synthesis.instruction_build.run import run_build
 
+        if launching:
+            raise AlignpipeError("--num-processes: an instruction-building recipe runs in one process")
+
         run_build(load_build_recipe(build, overrides), console)
         return
     cfg = load_recipe(recipe, overrides)
+    if launching:  # the same command again under accelerate's launcher, once the recipe is known good
+        from alignpipe.launch import check_processes, relaunch
+
+        check_processes(cfg, num_processes)
+        sys.exit(relaunch(num_processes, accelerate_config, sys.argv[sys.argv.index("run") + 1 :]))
     from alignpipe.loop import (
         run as run_loop,  # after the recipe: a bad one fails without importing transformers
     )
 
-    summary = run_loop(cfg, console)
-    _print_summary(summary)
+    summary = run_loop(cfg, console if distributed.is_main() else Console(quiet=True))
+    if distributed.is_main():
+        _print_summary(summary)
 
 
 @app.command("peft-compare")

@@ -89,6 +89,9 @@ class SynthesisConfig(Strict):
     # loaded as an adapter). `offline` is the older spelling of `source: offline`.
     backend: Literal["transformers", "openai", "vllm", "offline"] = "transformers"
     server: str | None = None  # backend openai: URL#MODEL of the server that serves the policy
+    # backend openai with an adapter: push: each round's LoRA adapter is loaded into the server (vLLM's runtime
+    # LoRA loading) and sampled from, so the samples are the trained policy's; none: sample the served model as is
+    server_adapter: Literal["push", "none"] = "push"
     teacher: str | None = None  # source teacher: a local model directory, or URL#MODEL
     mixture: list[SourceSpec] | None = None
     api_key_env: str = "OPENAI_API_KEY"  # a server's API key is read from this variable

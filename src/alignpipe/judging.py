@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
+from alignpipe import distributed
 from alignpipe.config import EvaluationConfig, Recipe
 from alignpipe.evaluation.judge_registry import JudgeRegistry
 from alignpipe.records import Judgment
@@ -90,12 +91,14 @@ class LoopJudges:
         return self.registry.resolve(self.recipe.heldout.judge or DEFAULT_HELDOUT_JUDGE)
 
 
-def _store_dir(directory: Path, fingerprint: str) -> Path:
+def _store_dir(directory: Path, fingerprint: str) -> Path | None:
     """`directory` for a judgment store written under `fingerprint`, emptied first if it holds judgments made
     under another config: a store's key is the judge's name and the judged text, not the policy that judged,
     so a policy judge's answers from another config's round would otherwise be read back as this one's."""
     import shutil
 
+    if not distributed.is_main():  # only the main process writes the run directory: the others remember in memory
+        return None
     stamp = directory / "FINGERPRINT"
     if directory.is_dir() and (not stamp.is_file() or stamp.read_text() != fingerprint):
         shutil.rmtree(directory)

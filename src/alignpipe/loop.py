@@ -18,7 +18,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from alignpipe import AlignpipeError, killpoints
+from alignpipe import AlignpipeError, distributed, killpoints
 from alignpipe.config import Recipe
 from alignpipe.data import load_task
 from alignpipe.diagnostics.heldout import heldout_perplexity, pair_preference, paired_difference
@@ -33,6 +33,7 @@ from alignpipe.instantiation.round_selection import select_examples
 from alignpipe.instantiation.selection_inputs import pair_logps
 from alignpipe.judging import LoopJudges, ensure_reward_models, judge_stats
 from alignpipe.killpoints import killpoint
+from alignpipe.launch import check_processes
 from alignpipe.metering import StageMeter
 from alignpipe.models import (
     adapter_base,
@@ -75,11 +76,18 @@ def heldout_greedy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path
                    label: str) -> list[Candidate]:
     """The policy's greedy answers to the held-out prompts, cached beside the run."""
     h = recipe.heldout
-    return cached_stage(
-        path / f"eval-{label}-candidates.parquet", fingerprint, Candidate,
-        lambda: generate(model, tokenizer, prompts, 1, 0.0, 1.0, h.max_new_tokens, h.batch_size,
-                         recipe.seed, {"eval": label}, f"held-out eval ({label})"),
-    )
+
+    def compute() -> list[Candidate]:
+        # the prompts in the order generate() batches them (by rendered length), cut into its batches: with
+        # several processes each takes whole batches, so every batch pads exactly as in one process
+        order = sorted(range(len(prompts)), key=lambda i: len(render_prompt(tokenizer, prompts[i])))
+        answers = distributed.map_chunks(order, h.batch_size, lambda chunk, _index: generate(
+            model, tokenizer, [prompts[i] for i in chunk], 1, 0.0, 1.0, h.max_new_tokens, h.batch_size,
+            recipe.seed, {"eval": label}, f"held-out eval ({label})"))
+        by_prompt = dict(zip(order, answers, strict=True))
+        return [by_prompt[i] for i in range(len(prompts))]
+
+    return cached_stage(path / f"eval-{label}-candidates.parquet", fingerprint, Candidate, compute)
 
 
 def heldout_accuracy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path: Path, fingerprint: str,  # noqa: ANN001
@@ -157,12 +165,10 @@ class _Session:
         shard_dir, size = rd / "candidates-shards", sampling_shard_prompts(self.recipe.synthesis)
 
         def shard(shard_prompts: list[Prompt], index: int) -> list[Candidate]:
-            out = self.sample(shard_prompts, r, seed_offset=SHARD_SEED_STRIDE * index)
-            write_json(shard_dir / f"{index:05d}.stats.json", self.sources.stats)
-            return out
+            return self.sample(shard_prompts, r, seed_offset=SHARD_SEED_STRIDE * index)
 
-        candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate,
-                                  lambda: sharded_stage(shard_dir, fingerprint, Candidate, prompts, size, shard))
+        candidates = cached_stage(rd / "candidates.parquet", fingerprint, Candidate, lambda: sharded_stage(
+            shard_dir, fingerprint, Candidate, prompts, size, shard, stats=lambda: self.sources.stats))
         stats_files = [shard_dir / f"{i:05d}.stats.json" for i in range(-(-len(prompts) // size))]
         return candidates, merge_sampling_stats([json.loads(f.read_text()) for f in stats_files if f.is_file()])
 
@@ -189,15 +195,28 @@ class _Session:
 
     def judge(self, judge: Any, prompts: list[Prompt], candidates: list[Candidate], r: int) -> list[Judgment]:
         ev = self.recipe.evaluation
-        return judge_candidates(judge, prompts, candidates, max_comparisons=ev.max_comparisons,
-                                aggregate=ev.aggregate, both_orders=ev.both_orders, seed=self.recipe.seed + r)
+
+        def judge_part(part: list[Prompt], _index: int = 0) -> list[Judgment]:
+            ids = {p.id for p in part}
+            return judge_candidates(judge, part, [c for c in candidates if c.prompt_id in ids],
+                                    max_comparisons=ev.max_comparisons, aggregate=ev.aggregate,
+                                    both_orders=ev.both_orders, seed=self.recipe.seed + r)
+
+        if distributed.world_size() == 1:
+            return judge_part(prompts)
+        # several processes: each judges whole prompts; per-candidate judgments first, in candidate order, then
+        # the pairwise judges' raw verdicts, as one process returns them
+        judged = distributed.map_chunks(prompts, sampling_shard_prompts(self.recipe.synthesis), judge_part)
+        single = {j.candidate_ids[0]: j for j in judged if len(j.candidate_ids) == 1}
+        return [single[c.id] for c in candidates] + [j for j in judged if len(j.candidate_ids) != 1]
 
 
 def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> dict[str, Any]:
     """One round of the four stages; each stage's output is cached under round-NN/."""
     recipe, rd = s.recipe, s.run_dir / f"round-{r:02d}"
     meter = StageMeter()
-    write_records(rd / "prompts.parquet", prompts, Prompt)
+    if distributed.is_main():
+        write_records(rd / "prompts.parquet", prompts, Prompt)
     with meter.stage("sampling"):
         candidates, sampling_stats = s.sample_round(prompts, r, rd, fingerprint)
     judge = s.judges.for_round(rd, fingerprint)
@@ -225,15 +244,18 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
                 recipe.instantiation.selection, examples, candidates, judgments, recipe.seed + r,
                 logps=lambda ex: pair_logps(s.model, s.tokenizer, ex, recipe.optimization, s.reference_model),
                 dim=recipe.instantiation.score)
-        write_records(rd / "examples.parquet", examples, cls)
+        if distributed.is_main():
+            write_records(rd / "examples.parquet", examples, cls)
     with meter.stage("training"):
         train = optimize(s.model, s.tokenizer, examples, recipe.optimization, seed=recipe.seed + r,
                          reference_model=s.reference_model, providers=s.providers)
-    save_checkpoint(s.model, s.tokenizer, rd / "checkpoint")
-    for provider in s.providers:
-        provider.save(rd / "checkpoint")
-    killpoint("checkpoint.fingerprint")
-    (rd / "checkpoint.fingerprint").write_text(fingerprint)
+    if distributed.is_main():
+        save_checkpoint(s.model, s.tokenizer, rd / "checkpoint")
+        for provider in s.providers:
+            provider.save(rd / "checkpoint")
+        killpoint("checkpoint.fingerprint")
+        (rd / "checkpoint.fingerprint").write_text(fingerprint)
+    distributed.barrier()
     _policy_moved(s, rd / "checkpoint")
     scores = [score_of(j, recipe.instantiation.score) for j in judgments if len(j.candidate_ids) == 1
               and j.status == "ok"]
@@ -253,8 +275,10 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
         "stage_seconds": meter.seconds, "stage_peak_rss_mb": meter.peak_rss_mb,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
     }
-    write_json(rd / "metrics.json", metrics)
-    write_round_diagnostics(rd)
+    if distributed.is_main():
+        write_json(rd / "metrics.json", metrics)
+        write_round_diagnostics(rd)
+    distributed.barrier()
     s.console.print(f"round {r}: sample reward {metrics['sample_reward']:.3f}, {stats.examples} "
                     f"{recipe.instantiation.kind} examples ({stats.skipped_uniform} prompts all tied), "
                     f"loss {train.get('loss', float('nan')):.4f}")
@@ -262,10 +286,20 @@ def _run_round(s: _Session, r: int, prompts: list[Prompt], fingerprint: str) -> 
 
 
 def _policy_moved(s: _Session, checkpoint: Path) -> None:
-    """A backend that holds its own copy of the policy (vLLM) loads the round's adapter."""
+    """A backend that holds its own copy of the policy loads the round's adapter: vLLM in process (every
+    process its own engine), a server (pushed once, by the main process; the others sample it by name)."""
+    syn = s.recipe.synthesis
     set_adapter = getattr(s.sources.policy, "set_adapter", None)
-    if set_adapter is not None and s.recipe.optimization.adapter is not None:
+    if set_adapter is None or s.recipe.optimization.adapter is None:
+        return
+    if syn.backend != "openai":
         set_adapter(checkpoint)
+    elif syn.server_adapter == "push":
+        if distributed.is_main():
+            set_adapter(checkpoint)
+        distributed.barrier()
+        if not distributed.is_main():
+            set_adapter(checkpoint, load=False)
 
 
 def policy_generator(recipe: Recipe, model: Any, tokenizer: Any, model_path: Path) -> Generator:
@@ -316,7 +350,9 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     if continue_adapter and recipe.optimization.adapter is None:
         raise AlignpipeError(f"model_adapter: continue trains the adapter {recipe.model} on; optimization.adapter "
                              f"is null (full fine-tuning): set model_adapter: merge, or an adapter")
-    model_path = resolve_model_path(recipe.model, "base" if continue_adapter else "merge")
+    check_processes(recipe, distributed.world_size())
+    with distributed.main_first():  # a merged adapter is cached once, by the main process
+        model_path = resolve_model_path(recipe.model, "base" if continue_adapter else "merge")
     tokenizer = load_tokenizer(model_path)
     # only now, with data and model known good: a rerun that fails at load leaves a finished run's config.yaml
     # as it was, and a first run that fails at load leaves no directory behind
@@ -324,10 +360,12 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AlignpipeError(f"output_dir {recipe.output_dir!r}: cannot create {run_dir} ({exc.strerror})") from None
-    removed = remove_temporaries(run_dir)  # what a killed write left behind (one run per directory at a time)
-    if removed:
-        console.print(f"removed {removed} temporary file(s) a killed run left in {run_dir}")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    if distributed.is_main():
+        removed = remove_temporaries(run_dir)  # what a killed write left behind (one run per directory at a time)
+        if removed:
+            console.print(f"removed {removed} temporary file(s) a killed run left in {run_dir}")
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    distributed.barrier()
     pool = list(data.train)
     random.Random(recipe.seed).shuffle(pool)
     per_round = recipe.synthesis.prompts_per_round
@@ -336,7 +374,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     console.print(f"[bold]{recipe.name}[/]: model {model_path}, {len(pool)} training prompts, "
                   f"{len(data.heldout)} held-out, {recipe.rounds} round(s), "
                   f"{describe_precision(recipe.optimization.precision, 'cuda' if torch.cuda.is_available() else 'cpu')}, "
-                  f"{torch.get_num_threads()} torch threads")
+                  f"{torch.get_num_threads()} torch threads"
+                  + (f" in each of {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
     model = load_policy(model_path, adapter=recipe.model if continue_adapter else None)
     opt = recipe.optimization
@@ -348,7 +387,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     # load their saved state (heads) from the last finished round; the trainer reuses these instances
     providers = round_providers([OBJECTIVES[t.name] for t in opt.objectives], recipe.instantiation.kind, opt, [])
     session = _Session(recipe, run_dir, model, tokenizer, model_path, reference_model, console, providers)
-    ensure_reward_models(recipe.evaluation, console, recipe.seed)
+    with distributed.main_first():  # reward models trained once, by the main process, into the shared cache
+        ensure_reward_models(recipe.evaluation, console, recipe.seed)
     session.judges = LoopJudges(recipe, lambda: session.model, tokenizer, model_path, reference_model)
     protocols = recipe.heldout.protocols
     session.chat_task = recipe.heldout.judge is not None or (
@@ -390,12 +430,14 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         after["protocols"] = run_protocols(session.model, tokenizer, recipe, run_dir, after_fp, "after",
                                            session.judges.registry.resolve)
     final = run_dir / "final_model"
-    save_checkpoint(session.model, tokenizer, final)
+    if distributed.is_main():
+        save_checkpoint(session.model, tokenizer, final)
     wants_winrate = session.chat_task or ("utility" in protocols and "candidates" in before)
     if wants_winrate:
         judge = session.judges.heldout_judge(run_dir, after_fp)
         winrate = heldout_winrate(judge, data.heldout, before["candidates"], after["candidates"])
-        write_json(run_dir / "heldout-winrate.json", winrate)
+        if distributed.is_main():
+            write_json(run_dir / "heldout-winrate.json", winrate)
         console.print(f"held-out win rate of the final policy against round 0 ({judge.name}): "
                       f"{winrate['win_rate']:.1%} [{winrate['ci95_low']:.1%}, {winrate['ci95_high']:.1%}] (n={winrate['n']})")
     summary = {
@@ -415,6 +457,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         "final_model": str(final.resolve()),
         "base_model": str(Path(model_path).resolve()),
     }
+    if not distributed.is_main():
+        return summary
     write_json(run_dir / "summary.json", summary)
     try:  # the run's results are written; a report that fails to render must not fail the run
         console.print(f"report: {write_report([run_dir], run_dir / 'report.html')}")

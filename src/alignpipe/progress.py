@@ -11,9 +11,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from alignpipe import distributed
+
 
 def progress(transient: bool = False) -> Progress:
+    """A progress bar; shown by the main process only when several processes run one recipe."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), transient=transient,
+        TimeElapsedColumn(), TimeRemainingColumn(), transient=transient, disable=not distributed.is_main(),
     )

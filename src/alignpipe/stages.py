@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from alignpipe import distributed
 from alignpipe.instantiation import score_of
 from alignpipe.instantiation.selection import dynamic_fill
 from alignpipe.killpoints import killpoint, where
-from alignpipe.records import Candidate, Judgment, Prompt, read_records, write_records
+from alignpipe.records import Candidate, Judgment, Prompt, read_records, write_json, write_records
 
 
 def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], list],
@@ -20,36 +21,73 @@ def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], 
 
     The fingerprint stamp is removed before the records are written and written after them: a kill in
     between leaves records without a stamp, which are redone, never records under another config's stamp. A
-    file that cannot be read (damaged on disk) is redone too."""
-    stamp = path.with_name(path.name + ".fingerprint")
-    if path.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
-        try:
-            records = read_records(path, cls)
-        except (OSError, ValueError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            print(f"warning: {path} cannot be read ({type(exc).__name__}); computing it again")
-            records = None
-        if records is not None and (redo is None or not redo(records)):
-            return records
+    file that cannot be read (damaged on disk) is redone too. With several processes (`distributed.py`) all of
+    them read or compute (`compute` may share its work among them), and only the main process writes."""
+    distributed.barrier()  # every process sees the file as the main process left it
+    records = _read_stamped(path, fingerprint, cls)
+    if records is not None and (redo is None or not redo(records)):
+        return records
     records = compute()
+    if distributed.is_main():
+        _write_stamped(path, fingerprint, cls, records)
+    distributed.barrier()
+    return records
+
+
+def _read_stamped(path: Path, fingerprint: str, cls: type) -> list | None:
+    stamp = path.with_name(path.name + ".fingerprint")
+    if not (path.is_file() and stamp.is_file() and stamp.read_text() == fingerprint):
+        return None
+    try:
+        return read_records(path, cls)
+    except (OSError, ValueError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        print(f"warning: {path} cannot be read ({type(exc).__name__}); computing it again")
+        return None
+
+
+def _write_stamped(path: Path, fingerprint: str, cls: type, records: list) -> None:
+    stamp = path.with_name(path.name + ".fingerprint")
     stamp.unlink(missing_ok=True)
     write_records(path, records, cls)
     killpoint(f"stamp:{where(path)}")
     stamp.write_text(fingerprint)
-    return records
 
 
 def sharded_stage(directory: Path, fingerprint: str, cls: type, items: list, shard_size: int,
-                  compute: Callable[[list, int], list]) -> list:
+                  compute: Callable[[list, int], list], stats: Callable[[], dict] | None = None) -> list:
     """`compute` over `items` shard by shard (`shard_size` items each), every shard cached as
     `directory/NNNNN.parquet` under its own fingerprint: a run killed mid-stage recomputes only the shard it
     was in. `compute(shard_items, shard_index)` must depend only on its arguments (seed by the index), so that
-    a resumed stage equals an uninterrupted one row for row."""
+    a resumed stage equals an uninterrupted one row for row. `stats()`, read right after each shard is
+    computed, is kept beside it as `NNNNN.stats.json`.
+
+    With N processes the shards go in waves of N, shard i to process i mod N; after each wave the main process
+    writes the wave's new shards, so a killed multi-process run also resumes at the wave it was in."""
+    shards = [items[start : start + shard_size] for start in range(0, len(items), shard_size)]
+    n, me = distributed.world_size(), distributed.rank()
     out: list = []
-    for index, start in enumerate(range(0, len(items), shard_size)):
-        shard = items[start : start + shard_size]
-        out.extend(cached_stage(directory / f"{index:05d}.parquet", f"{fingerprint}:shard{index}/{shard_size}",
-                                cls, lambda shard=shard, index=index: compute(shard, index)))
-        killpoint(f"shard:{where(directory)}/{index}")
+    for wave in range(0, len(shards), n):
+        distributed.barrier()
+        index = wave + me
+        fresh = None
+        if index < len(shards):
+            shard_fp = f"{fingerprint}:shard{index}/{shard_size}"
+            if _read_stamped(directory / f"{index:05d}.parquet", shard_fp, cls) is None:
+                records = compute(shards[index], index)
+                fresh = (index, shard_fp, records, stats() if stats else None)
+        for done in distributed.all_gather(fresh):
+            if done is not None and distributed.is_main():
+                i, shard_fp, records, shard_stats = done
+                if shard_stats is not None:
+                    write_json(directory / f"{i:05d}.stats.json", shard_stats)
+                _write_stamped(directory / f"{i:05d}.parquet", shard_fp, cls, records)
+        distributed.barrier()
+        for i in range(wave, min(wave + n, len(shards))):
+            records = _read_stamped(directory / f"{i:05d}.parquet", f"{fingerprint}:shard{i}/{shard_size}", cls)
+            if records is None:  # written a moment ago by the main process: a file it cannot read back is a bug
+                raise RuntimeError(f"{directory / f'{i:05d}.parquet'}: shard missing after it was written")
+            out.extend(records)
+            killpoint(f"shard:{where(directory)}/{i}")
     return out
 
 
@@ -94,7 +132,8 @@ def dynamic_sampling(rd: Path, fingerprint: str, prompts: list[Prompt], candidat
         if not fresh:
             return {}
         fp = f"{fingerprint}:dynamic{used[0]}"
-        write_records(rd / f"dynamic-{used[0]:05d}-prompts.parquet", fresh, Prompt)
+        if distributed.is_main():
+            write_records(rd / f"dynamic-{used[0]:05d}-prompts.parquet", fresh, Prompt)
         cands = cached_stage(rd / f"dynamic-{used[0]:05d}-candidates.parquet", fp, Candidate,
                              lambda: sample(fresh, used[0] * 7907))
         js = cached_stage(rd / f"dynamic-{used[0]:05d}-judgments.parquet", fp, Judgment,

@@ -4,7 +4,8 @@
 allowed out of 64, torch's default of 64 intra-op threads spin-wait for each other and every step is many
 times slower. The count here is the smallest of the CPU affinity mask and the cgroup CPU quota (v2
 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`, rounded up). `ALIGNPIPE_THREADS=N` overrides it, e.g.
-`ALIGNPIPE_THREADS=1` when another busy process shares a 2-core machine.
+`ALIGNPIPE_THREADS=1` when another busy process shares a 2-core machine. The N processes of a multi-process
+run on one machine (LOCAL_WORLD_SIZE, set by the launcher) take a 1/N share each.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def configure_threads() -> int:
 
             raise AlignpipeError(f"ALIGNPIPE_THREADS must be a positive integer, not {override!r}")
         n = int(override)
-    else:
-        n = available_cores()
+    else:  # the processes of a multi-process run on this machine share its cores
+        n = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(n)
     return n

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignpipe import distributed
 from alignpipe.config import OptimizationConfig
 from alignpipe.killpoints import killpoint
 from alignpipe.optimization.batching import collate
@@ -194,6 +195,16 @@ def round_providers(specs: list, kind: str, cfg: OptimizationConfig, kept: list[
     return out
 
 
+def _batch_metrics(values: dict[str, torch.Tensor], share: float, tokens: int) -> dict[str, float]:
+    """One step's logged values over the whole batch: with several processes, each one's values weighted by its
+    share (`distributed.local_share`) and averaged, tokens summed."""
+    local = {k: v.item() * share for k, v in values.items()} | {"tokens": tokens}
+    if distributed.world_size() == 1:
+        return local
+    parts = distributed.all_gather(local)
+    return {k: sum(p[k] for p in parts) / (1 if k == "tokens" else len(parts)) for k in local}
+
+
 BUCKET_BATCHES = 16  # length bucketing sorts windows of this many batches: shorter padding, order still shuffled
 
 
@@ -269,7 +280,10 @@ def optimize(
     params = [p for g in groups for p in g["params"]]
 
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if distributed.world_size() == 1:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # data-parallel: each process runs its share of a batch, step() averages the gradients (no DDP
+        model.to(accelerator.device)  # wrapper: the forward passes call the decoder and the head directly)
     model.train()
     rng = random.Random(seed)
     lengths = [sum(len(ids) for ids, _ in rows) for rows in instances.rows] if cfg.length_bucketing else None
@@ -280,6 +294,7 @@ def optimize(
 
     def step() -> None:
         nonlocal updates
+        distributed.average_gradients(params)
         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # the norm before clipping
         if norm is not None:
             grad_norms.append(float(norm))
@@ -292,8 +307,9 @@ def optimize(
     with progress() as bar:
         task = bar.add_task("training", total=-(-len(examples) // cfg.batch_size) * cfg.epochs, info="")
         for _epoch in range(cfg.epochs):
-            for micro, indices in enumerate(_batches(len(examples), cfg.batch_size, rng, lengths)):
+            for micro, batch_indices in enumerate(_batches(len(examples), cfg.batch_size, rng, lengths)):
                 started = time.perf_counter()
+                indices, share = distributed.local_share(batch_indices)  # all of it with one process
                 batch = {k: v.to(accelerator.device) for k, v in collate(instances.batch_rows(indices), pad_id).items()}
                 groups = instances.batch_groups(indices) if cfg.prefix_sharing else None
                 live_ref = None
@@ -312,17 +328,17 @@ def optimize(
                 for provider in providers:
                     tensors.update(provider.batch(ctx, indices, seq, placed))
                 loss, metrics = combined_loss(terms, tensors)
-                accelerator.backward(loss / cfg.grad_accum)
+                accelerator.backward(loss * share / cfg.grad_accum)
                 if (micro + 1) % cfg.grad_accum == 0:
                     step()
                 steps += 1
                 killpoint(f"train:step{steps}")
                 train_seconds += time.perf_counter() - started
-                tokens += int(batch["attention_mask"].sum())
-                sums["loss"] += loss.item()
-                for k, v in metrics.items():
-                    sums[k] += v.item()
-                bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
+                logged = _batch_metrics({"loss": loss, **metrics}, share, int(batch["attention_mask"].sum()))
+                tokens += logged.pop("tokens")
+                for k, v in logged.items():
+                    sums[k] += v
+                bar.update(task, advance=1, info=f"loss {logged['loss']:.4f}")
             if (micro + 1) % cfg.grad_accum:  # flush a partial accumulation at the end of an epoch
                 step()
     if measure:

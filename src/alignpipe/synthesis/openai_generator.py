@@ -23,6 +23,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -75,8 +76,10 @@ class OpenAIGenerator:
                  extra_body: dict | None = None) -> None:
         if concurrency < 1 or max_retries < 0:
             raise ValueError("concurrency must be >= 1 and max_retries >= 0")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model, self.api_key_env, self.concurrency = model, api_key_env, concurrency
+        self.base_model = model  # the served base; `model` becomes an adapter's name once one is pushed
         self.retry = RetryPolicy(timeout, max_retries, backoff, max_backoff)
         self.use_n, self.id_prefix, self.name = use_n, id_prefix, name
         self.extra_body = dict(extra_body or {})
@@ -85,6 +88,16 @@ class OpenAIGenerator:
 
     def __repr__(self) -> str:
         return f"OpenAIGenerator(url={self.url!r}, model={self.model!r}, concurrency={self.concurrency})"
+
+    def set_adapter(self, path: str | Path, load: bool = True) -> None:
+        """Sample base + the LoRA adapter at `path` from now on: pushed to the server (`server_adapter.py`), or,
+        with `load=False`, only its name taken (another process of the run pushed it)."""
+        from alignpipe.synthesis.server_adapter import adapter_name, push_adapter
+
+        if load:
+            self.model = push_adapter(self.base_url, self.base_model, path, self.api_key_env, self.retry.timeout)
+        else:
+            self.model = adapter_name(self.base_model, path)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
