@@ -4,17 +4,25 @@
 allowed out of 64, torch's default of 64 intra-op threads spin-wait for each other and every step is many
 times slower. The count here is the smallest of the CPU affinity mask and the cgroup CPU quota (v2
 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`, rounded up). `ALIGNPIPE_THREADS=N` overrides it, e.g.
-`ALIGNPIPE_THREADS=1` when another busy process shares a 2-core machine. The N processes of a multi-process
-run on one machine (LOCAL_WORLD_SIZE, set by the launcher) take a 1/N share each.
+`ALIGNPIPE_THREADS=1`. The N processes of a multi-process run on one machine (LOCAL_WORLD_SIZE, set by the
+launcher) take a 1/N share each.
+
+Cores that other processes keep busy are not available either: torch's threads wait for each other at every
+operation, so one thread that shares its core with another busy process stalls them all (on a 2-core machine
+with one other busy process, 2 threads generated at 4 tokens/s against 30 with 1). At start the count is
+lowered by the cores other processes keep busy, measured from /proc/stat over a moment
+(`ALIGNPIPE_LOAD_AWARE=0` turns that off). It is measured once: a load that starts later is not seen.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
+PROC_STAT = Path("/proc/stat")
 
 
 def cgroup_quota_cores(root: Path = CGROUP) -> int | None:
@@ -44,6 +52,40 @@ def available_cores(root: Path = CGROUP) -> int:
     return min(cores, quota) if quota else cores
 
 
+def _cpu_times(stat: Path) -> dict[int, tuple[int, int]]:
+    """Per CPU: (idle + iowait jiffies, all jiffies) since boot, from /proc/stat."""
+    out = {}
+    for line in stat.read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+            out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+    return out
+
+
+def busy_between(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], cpus: set[int]) -> float:
+    """How many of `cpus` were busy between two /proc/stat readings: the non-idle share of each, summed."""
+    busy = 0.0
+    for cpu in cpus & before.keys() & after.keys():
+        idle = after[cpu][0] - before[cpu][0]
+        total = after[cpu][1] - before[cpu][1]
+        if total > 0:
+            busy += 1 - idle / total
+    return busy
+
+
+def busy_cores(seconds: float = 0.3, stat: Path = PROC_STAT) -> float:
+    """How many of the cores this process may use other processes keep busy (this one sleeps meanwhile);
+    0 where /proc/stat cannot be read."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        before = _cpu_times(stat)
+        time.sleep(seconds)
+        return busy_between(before, _cpu_times(stat), cpus)
+    except (AttributeError, OSError, ValueError, IndexError):
+        return 0.0
+
+
 def configure_threads() -> int:
     """Set torch's intra-op threads to `ALIGNPIPE_THREADS` or the available cores; returns the count."""
     import torch
@@ -55,7 +97,10 @@ def configure_threads() -> int:
 
             raise AlignpipeError(f"ALIGNPIPE_THREADS must be a positive integer, not {override!r}")
         n = int(override)
-    else:  # the processes of a multi-process run on this machine share its cores
-        n = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    else:  # the processes of a multi-process run on this machine share its cores; busy cores are not free
+        cores = available_cores()
+        n = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if os.environ.get("ALIGNPIPE_LOAD_AWARE", "1") != "0":
+            n = max(1, min(n, cores - math.floor(busy_cores() + 0.5)))
     torch.set_num_threads(n)
     return n
