@@ -69,7 +69,7 @@ class RunSpec:
     beta: float = 0.1
     seed: int = 0
     threads: int = 0  # 0: torch's default
-    trl_gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # both frameworks' default (alignpipe's optimization.gradient_checkpointing)
 
 
 # ---------------------------------------------------------------- data, shared by both sides
@@ -208,7 +208,8 @@ def run_alignpipe(spec: RunSpec) -> dict[str, Any]:
     cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="dpo", beta=spec.beta)], adapter=adapter,
                              reference="base", learning_rate=spec.learning_rate, weight_decay=0.0, epochs=1,
                              batch_size=spec.batch_size, max_grad_norm=1.0, max_length=spec.max_length,
-                             precision="fp32", measure_signal=False)
+                             precision="fp32", measure_signal=False,
+                             gradient_checkpointing=spec.gradient_checkpointing)
     examples = [PairExample(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, margin=1.0) for p in spec.pairs]
     drawn: list[list[int]] = []
     original = trainer._batches
@@ -254,7 +255,7 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
             warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", beta=spec.beta,
             loss_type=["sigmoid"], max_length=spec.max_length, precompute_ref_log_probs=True,
             precompute_ref_batch_size=2 * spec.batch_size,  # pairs; alignpipe's precompute: 4 x batch_size rows
-            gradient_checkpointing=spec.trl_gradient_checkpointing, bf16=False, fp16=False,
+            gradient_checkpointing=spec.gradient_checkpointing, bf16=False, fp16=False,
             use_cpu=not torch.cuda.is_available(), train_sampling_strategy="sequential", seed=spec.seed,
             report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
             dataloader_num_workers=0)
@@ -338,7 +339,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each worker (0: default)")
-    ap.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's own default (off here)")
+    ap.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="both frameworks keep every activation (the default recomputes them, as both do by default)")
     ap.add_argument("--out", type=Path, default=Path("bench-results/dpo.json"))
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -374,7 +376,7 @@ def main() -> None:
                     for fw in args.frameworks:
                         spec = RunSpec(fw, model, mode, length, args.batch_size, args.warmup, args.steps, pairs,
                                        batches, threads=args.threads,
-                                       trl_gradient_checkpointing=args.trl_gradient_checkpointing)
+                                       gradient_checkpointing=not args.no_gradient_checkpointing)
                         result = run_in_subprocess(spec, Path(work)) | {"repeat": repeat}
                         results.append(result)
                         print(f"  {mode:<4} {fw:<9} #{repeat + 1}: {result['tokens_per_s']:.1f} tokens/s, "

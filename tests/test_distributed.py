@@ -15,15 +15,14 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import digit_prompts
 
 from alignpipe import distributed
 from alignpipe.launch import launch_command, strip_own_options
 
 
 def _recipe(tmp_path: Path, model: Path, **changes) -> Path:
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
-                               for i in range(60)))
+    prompts = digit_prompts(tmp_path / "prompts.jsonl", 60)
     recipe = {
         "name": "dp", "model": str(model), "rounds": 2, "seed": 5,
         "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.2},

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+from tiny import digit_prompts
 
 # Wall time and memory differ between any two runs, killed or not; everything else must be equal.
 VOLATILE = {"stage_seconds", "stage_peak_rss_mb", "peak_rss_mb", "step_time_s", "tokens_per_s"}
@@ -36,9 +37,7 @@ POINTS = 20
 
 
 def _recipe(tmp_path: Path, model: Path) -> Path:
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
-                               for i in range(40)))
+    prompts = digit_prompts(tmp_path / "prompts.jsonl", 40)
     recipe = {
         "name": "killed", "model": str(model), "rounds": 2, "seed": 3,
         "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.25},

@@ -8,6 +8,7 @@ import json
 
 import pandas as pd
 import pytest
+from tiny import digit_prompts
 
 from alignpipe import AlignpipeError
 from alignpipe.config import Recipe, load_recipe
@@ -197,9 +198,7 @@ def test_judge_eval_and_loop_share_one_code_path(tmp_path, tiny_model_path):
 
 def test_loop_with_step_labels_from_the_policy(tmp_path, tiny_model_path):
     """Math-Shepherd step labels as the loop's judge: the policy continues every step prefix."""
-    prompts = tmp_path / "sums.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
-                               for i in range(12)))
+    prompts = digit_prompts(tmp_path / "sums.jsonl", 12)
     recipe = _recipe(tmp_path, tiny_model_path, {"judge": "step-labels:policy", "rollouts": 2},
                      task={"kind": "file", "path": str(prompts), "heldout_fraction": 0.25},
                      instantiation={"kind": "pair", "score": "correct"},

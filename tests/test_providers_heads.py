@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import MAX_LENGTH, PROBLEMS, arithmetic_groups, arithmetic_pairs, context, lora, prompt
+from tiny import (
+    MAX_LENGTH,
+    PROBLEMS,
+    arithmetic_groups,
+    arithmetic_pairs,
+    context,
+    digit_prompts,
+    lora,
+    prompt,
+)
 
 import alignpipe.optimization.trainer as trainer
 from alignpipe.config import ObjectiveTerm, OptimizationConfig, load_recipe
@@ -290,16 +299,13 @@ def test_recipes_with_head_objectives_load():
 
 def test_ppo_loop_keeps_and_saves_the_value_head(tmp_path, tiny_model_path, monkeypatch):
     """Two loop rounds of group PPO: the loop keeps one provider, and each checkpoint holds its head."""
-    import json
 
     from safetensors.torch import load_file
 
     from alignpipe.config import Recipe
     from alignpipe.loop import run
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
-                               for i in range(40)))
+    prompts = digit_prompts(tmp_path / "prompts.jsonl", 40)
     recipe = Recipe.model_validate({
         "name": "tiny_ppo", "model": str(tiny_model_path), "rounds": 2, "output_dir": str(tmp_path / "runs"),
         "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.25},

@@ -8,11 +8,9 @@ round 0 (not a fresh one); a first Adam step moves a reward head's weights by ~i
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from tiny import arithmetic_pairs, lora
+from tiny import arithmetic_pairs, digit_prompts, lora
 
 from alignpipe.config import ObjectiveTerm, OptimizationConfig, Recipe
 from alignpipe.models import load_tokenizer
@@ -23,9 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ppo_recipe(tmp_path, tiny_model_path, rounds: int) -> Recipe:
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
-                               for i in range(40)))
+    prompts = digit_prompts(tmp_path / "prompts.jsonl", 40)
     return Recipe.model_validate({
         "name": "resume_ppo", "model": str(tiny_model_path), "rounds": rounds, "output_dir": str(tmp_path / "runs"),
         "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.25},

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from browser import chromium_driver, console_errors
+from tiny import digit_prompts
 
 from alignpipe.config import Recipe
 from alignpipe.diagnostics.plots import PANELS
@@ -20,9 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_recipe(tmp, model, name: str, beta: float) -> Recipe:
     """As tests/test_loop_tiny.py's recipe, smaller: 2 rounds of 4 prompts x 4 samples, DPO with `beta`."""
-    prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
-                               for i in range(16)))
+    prompts = digit_prompts(tmp / "prompts.jsonl", 16)
     return Recipe.model_validate({
         "name": name, "model": str(model), "rounds": 2, "output_dir": str(tmp / "runs"),
         "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.25},

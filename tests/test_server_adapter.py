@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 from http_fakes import LocalServer, reply_json
+from tiny import digit_prompts
 
 from alignpipe import AlignpipeError
 from alignpipe.config import Recipe
@@ -102,9 +103,7 @@ def test_server_without_runtime_lora_is_one_clear_error(lora_server, tmp_path):
 
 
 def _recipe(tmp_path, model, srv, **synthesis) -> Recipe:
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
-                               for i in range(30)))
+    prompts = digit_prompts(tmp_path / "prompts.jsonl", 30)
     return Recipe.model_validate({
         "name": "served", "model": str(model), "rounds": 2, "output_dir": str(tmp_path / "runs"),
         "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.2},

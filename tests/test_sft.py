@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tiny import digit_prompts
 
 from alignpipe import AlignpipeError
 from alignpipe.config import OptimizationConfig, Recipe
@@ -217,9 +218,7 @@ def test_rejection_sampling_keeps_only_verified_samples(tmp_path, tiny_model_pat
     """STaR / RFT: the policy's own samples, kept only where the math verifier accepts them."""
     from alignpipe.evaluation.verifiers import verifier
 
-    prompts = tmp_path / "prompts.jsonl"  # single-digit answers: a random model's samples are sometimes right
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
-                               for i in range(30)))
+    prompts = digit_prompts(tmp_path / "prompts.jsonl", 30)  # single-digit answers: a random model's samples are sometimes right
     summary = run(Recipe.model_validate({
         "name": "star", "model": str(tiny_model_path), "output_dir": str(tmp_path / "runs"),
         "task": {"kind": "file", "path": str(prompts), "heldout_fraction": 0.2},

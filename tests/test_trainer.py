@@ -157,3 +157,31 @@ def test_length_bucketing_batches_similar_lengths_and_covers_every_example():
         start = inside.index(batch[0])
         assert batch == inside[start:start + len(batch)]
     assert list(_batches(300, 4, random.Random(0), None)) == plain  # off: the plain seeded shuffle
+
+
+def test_gradient_checkpointing_trains_exactly_as_without(tiny_model_path):
+    """Checkpointed decoder layers recompute in backward what they did not keep: the same updates (LoRA and full
+    fine-tuning, with and without prefix sharing), and the model is left as it was found."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = load_tokenizer(tiny_model_path)
+    assert load_policy(tiny_model_path).supports_gradient_checkpointing  # so the comparison is not vacuous
+    for adapter in (True, False):
+        for sharing in (True, False):
+            trained = []
+            for checkpointing in (True, False):
+                torch.manual_seed(0)
+                model = load_policy(tiny_model_path)
+                if adapter:
+                    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+                cfg = OptimizationConfig(objectives=[ObjectiveTerm(name="dpo", beta=0.5), ObjectiveTerm(name="sft")],
+                                         learning_rate=3e-3, batch_size=4, gradient_checkpointing=checkpointing,
+                                         prefix_sharing=sharing, precision="fp32")
+                reference = None if adapter else load_policy(tiny_model_path).eval().requires_grad_(False)
+                optimize(model, tok, _pairs(tok) * 2, cfg, seed=0, reference_model=reference)
+                base = model.get_base_model() if adapter else model
+                assert not base.is_activation_checkpointing
+                trained.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            assert trained[0].keys() == trained[1].keys()
+            diff = max((trained[0][n] - trained[1][n]).abs().max().item() for n in trained[0])
+            assert diff < 1e-6, (adapter, sharing, diff)

@@ -9,6 +9,7 @@ Imported as `from tiny import ...` (pytest puts this folder on sys.path, as for 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -132,3 +133,13 @@ def record_losses(monkeypatch) -> list[list[float]]:
 
     monkeypatch.setattr(trainer, "combined_loss", recording)
     return calls
+
+
+def digit_prompts(path: Path, n: int) -> Path:
+    """`n` prompts "What is i + 0?" with single-digit answers (i mod 3), as a prompt file at `path`: a random
+    tiny model's samples are sometimes right, so verifier-judged pairs form."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
+                            for i in range(n)))
+    return path

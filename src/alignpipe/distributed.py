@@ -34,6 +34,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def device() -> Any:
+    """This process's device: its GPU (cuda:LOCAL_RANK) where there are GPUs, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def init() -> None:
     """Join the launcher's process group through accelerate (gloo on CPU); nothing with one process."""
     if world_size() > 1:

@@ -78,8 +78,11 @@ def heldout_greedy(model, tokenizer, prompts: list[Prompt], recipe: Recipe, path
     h = recipe.heldout
 
     def compute() -> list[Candidate]:
-        # the prompts in the order generate() batches them (by rendered length), cut into its batches: with
-        # several processes each takes whole batches, so every batch pads exactly as in one process
+        if distributed.world_size() == 1:
+            return generate(model, tokenizer, prompts, 1, 0.0, 1.0, h.max_new_tokens, h.batch_size, recipe.seed,
+                            {"eval": label}, f"held-out eval ({label})")
+        # the prompts in the order generate() batches them (by rendered length), cut into its batches: each
+        # process takes whole batches, so every batch pads exactly as in one process
         order = sorted(range(len(prompts)), key=lambda i: len(render_prompt(tokenizer, prompts[i])))
         answers = distributed.map_chunks(order, h.batch_size, lambda chunk, _index: generate(
             model, tokenizer, [prompts[i] for i in chunk], 1, 0.0, 1.0, h.max_new_tokens, h.batch_size,
@@ -377,7 +380,9 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                   f"{torch.get_num_threads()} torch threads"
                   + (f" in each of {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
-    model = load_policy(model_path, adapter=recipe.model if continue_adapter else None)
+    # on this process's accelerator from the start, so the held-out evaluation, sampling and the reference passes
+    # run there too, not only training
+    model = load_policy(model_path, adapter=recipe.model if continue_adapter else None).to(distributed.device())
     opt = recipe.optimization
     # Full fine-tuning against the frozen base needs the base itself; adapters get it by disabling them.
     needs_copy = opt.adapter is None and opt.reference == "base" and any(

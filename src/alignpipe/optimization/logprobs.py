@@ -87,7 +87,7 @@ def sequence_logps(
         decoder, head = parts
         hidden = _packed_hidden(decoder, input_ids, attention_mask, groups) if groups else None
         if hidden is None:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         hidden = hidden[:, :-1]
         hidden_sel, targets_sel = hidden[mask], targets[mask]  # [P, H], [P]: completion positions only
         pieces = []
@@ -114,7 +114,7 @@ def _packed_hidden(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: 
     mask = attention_for(decoder.config, packed.attention, dtype)
     if mask is None:
         return None
-    out = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
+    out = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)
     flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
     return flat[packed.index]
 

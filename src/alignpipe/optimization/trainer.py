@@ -165,6 +165,25 @@ def reference_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig
         return completion_logps(model, rows, pad_id, cfg, desc, groups)
 
 
+@contextlib.contextmanager
+def gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
+    """The model's decoder layers checkpointed (non-reentrant: recomputed in backward, same values and
+    gradients) while the block runs, as it was afterwards. Skipped for prompt-learning adapters (prefix tuning
+    feeds its virtual tokens as a cache) and models that cannot."""
+    peft_config = getattr(model, "active_peft_config", None)
+    prompt_learning = peft_config is not None and peft_config.is_prompt_learning
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enabled or prompt_learning or not getattr(base, "supports_gradient_checkpointing", False) \
+            or base.is_activation_checkpointing:
+        yield
+        return
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        base.activation_checkpointing_disable()
+
+
 def autocast(cfg: OptimizationConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for the model's matmuls when the precision resolves to bf16 (`auto`: only where the
     device computes bf16 natively, see `alignpipe.precision`); log-softmax and losses stay in fp32
@@ -304,7 +323,7 @@ def optimize(
         if moving is not None:
             moving.after_step(updates)
 
-    with progress() as bar:
+    with progress() as bar, gradient_checkpointing(model, cfg.gradient_checkpointing):
         task = bar.add_task("training", total=-(-len(examples) // cfg.batch_size) * cfg.epochs, info="")
         for _epoch in range(cfg.epochs):
             for micro, batch_indices in enumerate(_batches(len(examples), cfg.batch_size, rng, lengths)):
