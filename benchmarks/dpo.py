@@ -197,11 +197,13 @@ def _load(spec: RunSpec) -> tuple[Any, Any, float, Meter]:
 def run_alignpipe(spec: RunSpec) -> dict[str, Any]:
     """alignpipe's `optimize()` on the spec's pairs (one epoch = warmup + steps batches)."""
 
+    from alignpipe.allocator import configure_allocator
     from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig
     from alignpipe.models import attach_adapter
     from alignpipe.optimization import trainer
     from alignpipe.records import PairExample
 
+    configure_allocator()  # as `alignpipe run` does (allocator.py); TRL's worker keeps glibc's defaults
     tokenizer, model, rss_load, meter = _load(spec)
     adapter = AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGETS) if spec.mode == "lora" else None
     model = attach_adapter(model, adapter)
