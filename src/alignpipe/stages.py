@@ -68,26 +68,23 @@ def sharded_stage(directory: Path, fingerprint: str, cls: type, items: list, sha
     out: list = []
     for wave in range(0, len(shards), n):
         distributed.barrier()
-        index = wave + me
-        fresh = None
-        if index < len(shards):
-            shard_fp = f"{fingerprint}:shard{index}/{shard_size}"
-            if _read_stamped(directory / f"{index:05d}.parquet", shard_fp, cls) is None:
-                records = compute(shards[index], index)
-                fresh = (index, shard_fp, records, stats() if stats else None)
-        for done in distributed.all_gather(fresh):
-            if done is not None and distributed.is_main():
-                i, shard_fp, records, shard_stats = done
-                if shard_stats is not None:
+        index, done = wave + me, None
+        if index < len(shards):  # (index, records, stats of a shard computed now, else None)
+            path, shard_fp = directory / f"{index:05d}.parquet", f"{fingerprint}:shard{index}/{shard_size}"
+            records = _read_stamped(path, shard_fp, cls)
+            done = (index, records, None) if records is not None else \
+                (index, compute(shards[index], index), stats() if stats else {})
+        for part in distributed.all_gather(done):  # in shard order: rank order within a wave
+            if part is None:
+                continue
+            i, records, shard_stats = part
+            if shard_stats is not None and distributed.is_main():
+                if stats:
                     write_json(directory / f"{i:05d}.stats.json", shard_stats)
-                _write_stamped(directory / f"{i:05d}.parquet", shard_fp, cls, records)
-        distributed.barrier()
-        for i in range(wave, min(wave + n, len(shards))):
-            records = _read_stamped(directory / f"{i:05d}.parquet", f"{fingerprint}:shard{i}/{shard_size}", cls)
-            if records is None:  # written a moment ago by the main process: a file it cannot read back is a bug
-                raise RuntimeError(f"{directory / f'{i:05d}.parquet'}: shard missing after it was written")
+                _write_stamped(directory / f"{i:05d}.parquet", f"{fingerprint}:shard{i}/{shard_size}", cls, records)
             out.extend(records)
             killpoint(f"shard:{where(directory)}/{i}")
+        distributed.barrier()
     return out
 
 
