@@ -70,17 +70,6 @@ def all_gather(obj: T) -> list[T]:
     return out
 
 
-def broadcast(obj: T) -> T:
-    """The main process's `obj`, on every process."""
-    if world_size() == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
     """The main process runs the block first (e.g. it fills a shared cache), then the others run it."""
@@ -140,10 +129,3 @@ def average_gradients(params: list[Any]) -> None:
         size = g.numel()
         p.grad = flat[at : at + size].view_as(g).to(g.dtype)
         at += size
-
-
-def reduce_mean(value: float) -> float:
-    """The mean of a float over the processes (for logged metrics)."""
-    if world_size() == 1:
-        return value
-    return sum(all_gather(value)) / world_size()
