@@ -20,6 +20,7 @@ its round directory), never a process id or an absolute path.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -40,10 +41,6 @@ def _settings() -> tuple[Path | None, frozenset[str], Path | None]:
     return (Path(trace) if trace else None), frozenset(plan["kill"]), Path(plan["fired"])
 
 
-def _fired(path: Path) -> set[str]:
-    return set(path.read_text().splitlines()) if path.is_file() else set()
-
-
 def killpoint(point: str) -> None:
     """Record `point` in the trace and die here if the kill plan says so (see the module docstring)."""
     trace, plan, fired = _settings()
@@ -53,12 +50,23 @@ def killpoint(point: str) -> None:
     if trace is not None:
         with trace.open("a") as fh:
             fh.write(point + "\n")
-    if point in plan and point not in _fired(fired):
-        with fired.open("a") as fh:
-            fh.write(point + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    if point in plan and _claim(fired, point):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _claim(fired: Path, point: str) -> bool:
+    """Record `point` as fired unless it already is; true for the one caller that recorded it. The check and
+    the write hold an exclusive lock: in a multi-process run every process reaches the same training step at
+    once, and the point must fire in one of them, once."""
+    with fired.open("a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        if point in fh.read().splitlines():
+            return False
+        fh.write(point + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+        return True
 
 
 def where(path: Path) -> str:
