@@ -1,9 +1,9 @@
 """Where the resident memory of a run goes (issue 11 item 3): one stage of a recipe in a fresh process, peak RSS
-sampled every 10 ms, printed as JSON, with alignpipe's allocator settings (`alignpipe/allocator.py`) unless
---glibc-defaults. E.g.
+sampled every 10 ms, printed as JSON, under one of alignpipe's allocator policies (`alignpipe/allocator.py`,
+--malloc fast|lean|default; the trainer trims the heap after every step unless `default`). E.g.
 
     python benchmarks/memory_probe.py generate --n 50 --new 256
-    python benchmarks/memory_probe.py generate --n 50 --new 256 --glibc-defaults   # glibc's own allocator settings
+    python benchmarks/memory_probe.py generate --n 50 --new 256 --malloc default   # glibc's own allocator
     python benchmarks/memory_probe.py train --n 16 [--no-checkpointing]
 
 The stages use the embedded model on GSM8K prompts (../shared/data/gsm8k/train.jsonl): `generate` samples
@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--no-checkpointing", action="store_true", help="train: gradient checkpointing off")
-    parser.add_argument("--glibc-defaults", action="store_true", help="leave glibc's allocator as it is")
+    parser.add_argument("--malloc", choices=["fast", "lean", "default"], default="fast",
+                        help="alignpipe's allocator policy (ALIGNPIPE_MALLOC); default: glibc as it is")
     args = parser.parse_args()
 
     from alignpipe.allocator import configure_allocator
@@ -57,10 +58,11 @@ def main() -> None:
     from alignpipe.threads import configure_threads
 
     configure_threads()
-    if not args.glibc_defaults:
-        configure_allocator()
+    os.environ["ALIGNPIPE_MALLOC"] = args.malloc  # read by the trainer's trim after each step, too
+    configure_allocator()
     meter = PeakRss()
-    out: dict = {"stage": args.stage, "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    out: dict = {"stage": args.stage, "malloc": args.malloc,
+                 "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                  "rss_start_mb": rss_mb()}
     path = resolve_model_path(None, "merge")
     tokenizer = load_tokenizer(path)

@@ -1,17 +1,23 @@
-"""glibc's allocator told to give freed memory back (issue 11 item 3).
+"""glibc's allocator, set for training: fast by default, lean on request (issue 11 item 3).
 
 glibc serves allocations above a threshold (128 KiB at start) with mmap and returns them to the system when they
 are freed. Each time such a block is freed, it raises that threshold to the block's size, up to 32 MiB. After
-the first few steps, a training step's tensors of a few MiB to 32 MiB (activations, logits chunks, gradients)
-come from the heap instead. Freed heap memory stays with the process, wherever a live block sits above it, and
-the shapes change from batch to batch. So RSS grows to several times what is live. Measured on the embedded
-model's LoRA DPO (docs/performance.md): 5.5 GB peak and 3.9 GB after training with glibc's defaults, 2.3 GB
-and 1.1 GB with the settings below.
+the first few steps, a training step's tensors of a few MiB (activations, gradients) therefore come from the heap.
+That is fast: their pages are reused without a page fault. But freed heap memory stays with the process, and the
+shapes change from batch to batch, so RSS grows to several times what is live.
 
-`configure_allocator()` fixes the mmap threshold at 64 KiB (a fixed threshold also turns off the adjustment),
-trims the heap when 128 KiB is free at its top, and uses at most 2 arenas (one per torch thread on 2 cores is
-enough; more arenas hold more free memory). It uses mallopt, so it takes effect in the running process.
-`ALIGNPIPE_MALLOC=default` leaves glibc as it is. Other C libraries (musl, macOS) are left alone.
+Two policies, chosen with `ALIGNPIPE_MALLOC` (docs/performance.md has the measurements):
+
+- `fast` (the default): glibc's own thresholds, at most 2 arenas, and `release_free_memory()` (malloc_trim,
+  which also returns free pages in the middle of the heap) after every optimizer step and every stage. Within a
+  step the heap is reused at full speed; between steps what was freed goes back.
+- `lean`: the mmap threshold fixed at 64 KiB (a fixed threshold also turns off the adjustment) and the heap
+  trimmed at 128 KiB, so every tensor above 64 KiB is returned the moment it is freed. RSS then follows what is
+  live, about half of `fast`'s peak in a training step, but every such tensor is page-faulted in afresh: a
+  training step took twice as long on a 2-core VM.
+- `default`: glibc left as it is (no trimming either).
+
+Other C libraries (musl, macOS) are left alone. Settings use mallopt, so they take effect in the running process.
 """
 
 from __future__ import annotations
@@ -19,21 +25,49 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from functools import cache
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
-SETTINGS = {M_MMAP_THRESHOLD: 64 * 1024, M_TRIM_THRESHOLD: 128 * 1024, M_ARENA_MAX: 2}
+POLICIES = {
+    "fast": {M_ARENA_MAX: 2},
+    "lean": {M_MMAP_THRESHOLD: 64 * 1024, M_TRIM_THRESHOLD: 128 * 1024, M_ARENA_MAX: 2},
+    "default": {},
+}
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+    except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
+
+
+def policy() -> str:
+    """The policy `ALIGNPIPE_MALLOC` names (`fast` when unset); an unknown name is an error naming the choices."""
+    name = os.environ.get("ALIGNPIPE_MALLOC", "").strip().lower() or "fast"
+    if name not in POLICIES:
+        from alignpipe import AlignpipeError
+
+        raise AlignpipeError(f"ALIGNPIPE_MALLOC={name!r}: expected one of {', '.join(POLICIES)}")
+    return name
 
 
 def configure_allocator() -> bool:
-    """Apply the settings above where the C library is glibc; returns whether they were applied."""
-    if os.environ.get("ALIGNPIPE_MALLOC", "").strip().lower() == "default":
+    """Apply the policy's settings where the C library is glibc; returns whether any were applied."""
+    libc, settings = _glibc(), POLICIES[policy()]
+    if libc is None or not settings:
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in SETTINGS.items())
+    return all(libc.mallopt(param, value) == 1 for param, value in settings.items())
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim), unless the policy is `default`.
+    Called between optimizer steps and stages: it costs a walk over the free chunks, milliseconds."""
+    libc = _glibc()
+    if libc is not None and policy() != "default":
+        libc.malloc_trim(0)

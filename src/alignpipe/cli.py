@@ -25,7 +25,7 @@ HEAVY = ("run", "judge-eval", "train-reward-model")  # commands that run a model
 
 @app.callback()
 def _setup(ctx: typer.Context) -> None:
-    """glibc's allocator set to give freed memory back; torch threads = the cores this process may use (affinity,
+    """glibc's allocator set for training (allocator.py); torch threads = the cores this process may use (affinity,
     cgroup quota, busy cores) shared among the processes of a multi-process run; ALIGNPIPE_THREADS overrides.
     Under accelerate's launcher, join its process group."""
     if ctx.invoked_subcommand in HEAVY:
@@ -33,7 +33,7 @@ def _setup(ctx: typer.Context) -> None:
         from alignpipe.allocator import configure_allocator
         from alignpipe.threads import configure_threads
 
-        configure_allocator()  # freed tensors go back to the system: RSS follows what is live (allocator.py)
+        configure_allocator()  # ALIGNPIPE_MALLOC: fast (default) or lean (allocator.py)
         configure_threads()
         distributed.init()
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignpipe import distributed
+from alignpipe.allocator import release_free_memory
 from alignpipe.instantiation import score_of
 from alignpipe.instantiation.selection import dynamic_fill
 from alignpipe.killpoints import killpoint, where
@@ -28,6 +29,7 @@ def cached_stage(path: Path, fingerprint: str, cls: type, compute: Callable[[], 
     if records is not None and (redo is None or not redo(records)):
         return records
     records = compute()
+    release_free_memory()  # what the stage freed goes back before the next one (allocator.py)
     if distributed.is_main():
         _write_stamped(path, fingerprint, cls, records)
     distributed.barrier()
@@ -84,6 +86,7 @@ def sharded_stage(directory: Path, fingerprint: str, cls: type, items: list, sha
                 _write_stamped(directory / f"{i:05d}.parquet", f"{fingerprint}:shard{i}/{shard_size}", cls, records)
             out.extend(records)
             killpoint(f"shard:{where(directory)}/{i}")
+        release_free_memory()
         distributed.barrier()
     return out
 
