@@ -47,6 +47,7 @@ $(BIN)/.installed-bench: $(BIN)/.installed
 
 bench: $(BIN)/.installed-bench
 	$(BIN)/python benchmarks/dpo.py $(BENCH_DPO_ARGS) --out bench-results/dpo.json
+	$(BIN)/python benchmarks/grpo.py --out bench-results/grpo.json
 	$(BIN)/python benchmarks/shared_prefill.py
 
 lint: setup
