@@ -113,10 +113,12 @@ class _Apply(torch.nn.Module):
 @torch.no_grad()
 def completion_values(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
                       per_position: Callable[[SequenceLogps], torch.Tensor] = lambda seq: seq.token_logps,
-                      groups: list[list[int]] | None = None) -> list[torch.Tensor]:
+                      groups: list[list[int]] | None = None, shared: bool = False) -> list[torch.Tensor]:
     """Per row, `per_position(seq)` ([B, L-1, ...]: the token log-probs by default) at its completion
     positions, computed without gradient, dropout off, in length-sorted batches. `groups`: rows that share a
-    prompt (`Instances.flat_groups`), kept together in a batch and packed when `cfg.prefix_sharing`."""
+    prompt (`Instances.flat_groups`), kept together in a batch and packed when `cfg.prefix_sharing`.
+    `shared`: every process of a multi-process run calls this on the same rows; each computes every N-th batch
+    and all get all values (the batches do not depend on N, so neither do the values)."""
     was_training = model.training
     model.eval()
     packed = bool(groups) and cfg.prefix_sharing
@@ -127,11 +129,11 @@ def completion_values(model, rows: list[Row], pad_id: int, cfg: OptimizationConf
         if batches[-1] and sum(map(len, batches[-1])) + len(unit) > cfg.batch_size * 4:
             batches.append([])
         batches[-1].append(unit)
-    values: dict[int, torch.Tensor] = {}
     device = next(model.parameters()).device
     with progress(transient=True) as bar:
         task = bar.add_task(desc, total=len(rows), info="")
-        for batch_units in batches:
+
+        def run(batch_units: list[list[int]]) -> dict[int, torch.Tensor]:
             idx = [i for unit in batch_units for i in unit]
             local, at = [], 0
             for unit in batch_units:
@@ -142,28 +144,36 @@ def completion_values(model, rows: list[Row], pad_id: int, cfg: OptimizationConf
                 seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
                                      groups=local if packed else None)
             picked = per_position(seq)
-            for j, i in enumerate(idx):
-                values[i] = picked[j][seq.mask[j].bool().to(picked.device)].cpu()
             bar.update(task, advance=len(idx))
+            return {i: picked[j][seq.mask[j].bool().to(picked.device)].cpu() for j, i in enumerate(idx)}
+
+        values: dict[int, torch.Tensor] = {}
+        if shared:
+            for part in distributed.map_chunks(batches, 1, lambda chunk, _: [run(chunk[0])]):
+                values |= part
+        else:
+            for batch_units in batches:
+                values |= run(batch_units)
     model.train(was_training)
     return [values[i] for i in range(len(rows))]
 
 
 def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
-                     groups: list[list[int]] | None = None) -> list[torch.Tensor]:
-    """Per row, the log-probs of its completion tokens (1-D), computed in length-sorted batches."""
-    return completion_values(model, rows, pad_id, cfg, desc, groups=groups)
+                     groups: list[list[int]] | None = None, shared: bool = False) -> list[torch.Tensor]:
+    """Per row, the log-probs of its completion tokens (1-D), computed in length-sorted batches (`shared`: as in
+    `completion_values`)."""
+    return completion_values(model, rows, pad_id, cfg, desc, groups=groups, shared=shared)
 
 
 def reference_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
                     reference_model: PreTrainedModel | None = None,
-                    groups: list[list[int]] | None = None) -> list[torch.Tensor]:
+                    groups: list[list[int]] | None = None, shared: bool = False) -> list[torch.Tensor]:
     """`completion_logps` under the reference: the frozen copy when there is one (full fine-tuning against
     the base), else the policy inside `reference_context` (adapters disabled, or the policy as it is)."""
     if reference_model is not None:
-        return completion_logps(reference_model, rows, pad_id, cfg, desc, groups)
+        return completion_logps(reference_model, rows, pad_id, cfg, desc, groups, shared)
     with reference_context(model, cfg.reference):
-        return completion_logps(model, rows, pad_id, cfg, desc, groups)
+        return completion_logps(model, rows, pad_id, cfg, desc, groups, shared)
 
 
 @contextlib.contextmanager
@@ -281,14 +291,15 @@ def optimize(
         moving = MovingReference(params, cfg.ref_sync_alpha, cfg.ref_sync_every, [n for n, _ in named])
     elif any(s.needs_reference for s in specs):
         fixed["ref_token_logps"] = reference_logps(model, flat, pad_id, cfg, "reference log-probs", reference_model,
-                                                   flat_groups)
+                                                   flat_groups, shared=True)
     if any(s.needs_old_policy for s in specs):
-        fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs", flat_groups)
+        fixed["old_token_logps"] = completion_logps(model, flat, pad_id, cfg, "old-policy log-probs", flat_groups,
+                                                     shared=True)
     signal: dict[str, float] = {}
     measure = cfg.measure_signal and "ref_token_logps" in fixed
     if measure:  # the implicit reward on the round's examples before its first step (round_signal.py)
         before = fixed.get("old_token_logps") or completion_logps(model, flat, pad_id, cfg, "signal before",
-                                                                            flat_groups)
+                                                                            flat_groups, shared=True)
         signal |= labelled(implicit_reward_signal(instances.kind, before, fixed["ref_token_logps"],
                                                   objective_beta(terms)), "before")
     ctx = RoundContext(model, tokenizer, instances, cfg, pad_id, accelerator.device, reference_model, moving)
@@ -363,7 +374,7 @@ def optimize(
             if (micro + 1) % cfg.grad_accum:  # flush a partial accumulation at the end of an epoch
                 step()
     if measure:
-        after = completion_logps(model, flat, pad_id, cfg, "signal after", flat_groups)
+        after = completion_logps(model, flat, pad_id, cfg, "signal after", flat_groups, shared=True)
         signal |= labelled(implicit_reward_signal(instances.kind, after, fixed["ref_token_logps"],
                                                   objective_beta(terms)), "after")
     timing = {"grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "step_time_s": train_seconds / steps,
