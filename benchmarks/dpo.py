@@ -352,11 +352,7 @@ def main() -> None:
         return
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1 (the window starts at the end of a step)")
-    if "trl" in args.frameworks:
-        import importlib.util
-
-        if importlib.util.find_spec("trl") is None:
-            raise SystemExit("trl is not installed: pip install -e '.[bench]' (or --frameworks alignpipe)")
+    require_trl(args.frameworks)
 
     from alignpipe.models import load_tokenizer, resolve_model_path
 
@@ -391,6 +387,14 @@ def main() -> None:
             "warmup": args.warmup, "steps": args.steps, "batch_size": args.batch_size, "data_per_length": data_notes}
     args.out.write_text(json.dumps({"meta": meta, "table": rows, "runs": results}, indent=1))
     print(f"\nwrote {args.out}")
+
+
+def require_trl(frameworks: list[str]) -> None:
+    """Stop with the install command when TRL is asked for and not installed (it is the `bench` extra)."""
+    import importlib.util
+
+    if "trl" in frameworks and importlib.util.find_spec("trl") is None:
+        raise SystemExit("trl is not installed: pip install -e '.[bench]' (or --frameworks alignpipe)")
 
 
 def _git_state() -> dict[str, Any]:

@@ -381,11 +381,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.result)
         return
-    if "trl" in args.frameworks:
-        import importlib.util
-
-        if importlib.util.find_spec("trl") is None:
-            raise SystemExit("trl is not installed: pip install -e '.[bench]' (or --frameworks alignpipe)")
+    _dpo().require_trl(args.frameworks)
 
     from alignpipe.models import resolve_model_path
 

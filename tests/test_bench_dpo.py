@@ -4,11 +4,10 @@ model; asserts token counts, never time."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from tiny import script_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,12 +24,7 @@ HAND_COUNT = [2 * 21 + 5 + 2 + 2, 2 * 34 + 4 + 4 + 2, 2 * 31 + 4 + 10 + 2, 2 * 3
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_dpo", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_dpo"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_dpo", None)
+    yield from script_module(BENCH, "bench_dpo")
 
 
 def make_spec(bench, tiny_model_path: Path, tok, framework: str, mode: str = "full"):

@@ -4,11 +4,10 @@ Asserts nothing about wall-clock speed."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from tiny import script_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,12 +19,7 @@ TINY = ["synthesis.prompts_per_round=4", "synthesis.samples_per_prompt=2", "synt
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_grpo", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_grpo"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_grpo", None)
+    yield from script_module(BENCH, "bench_grpo")
 
 
 def well_formed(result: dict, rounds: int) -> None:

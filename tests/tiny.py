@@ -8,8 +8,11 @@ Imported as `from tiny import ...` (pytest puts this folder on sys.path, as for 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -143,3 +146,14 @@ def digit_prompts(path: Path, n: int) -> Path:
     path.write_text("".join(json.dumps({"prompt": f"What is {i} + 0?", "answer": str(i % 3)}) + "\n"
                             for i in range(n)))
     return path
+
+
+def script_module(path: Path, name: str) -> Iterator[ModuleType]:
+    """A script outside the package (a benchmark) imported as module `name`, for a module-scoped fixture to yield
+    from; registered in sys.modules while in use, because dataclasses resolve their module by name."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)
