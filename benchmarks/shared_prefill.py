@@ -5,7 +5,7 @@ On the embedded model (SmolLM2-135M-Instruct) and the first GSM8K training quest
 prints samples/s and the speedup, and checks that greedy decoding (temperature 0) gives identical tokens
 on both paths. A script, not a test: it loads the real model and takes minutes on a few CPU cores.
 
-    nice -n 5 .venv/bin/python benchmarks/shared_prefill.py [--ks 8 16] [--max-new-tokens 32]
+    nice -n 5 .venv/bin/python benchmarks/shared_prefill.py [--ks 1 8 16] [--max-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=GSM8K, help="GSM8K train.jsonl")
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--ks", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64, help="output rows per batch (prompts x k)")
     ap.add_argument("--temperature", type=float, default=1.0, help="of the timed sampling runs")
