@@ -6,7 +6,7 @@ the first few steps, a training step's tensors of a few MiB (activations, gradie
 That is fast: their pages are reused without a page fault. But freed heap memory stays with the process, and the
 shapes change from batch to batch, so RSS grows to several times what is live.
 
-Two policies, chosen with `ALIGNPIPE_MALLOC` (docs/performance.md has the measurements):
+Three policies, chosen with `ALIGNPIPE_MALLOC` (docs/performance.md has the measurements):
 
 - `fast` (the default): glibc's own thresholds, at most 2 arenas, and `release_free_memory()` (malloc_trim,
   which also returns free pages in the middle of the heap) after every optimizer step and every stage. Within a

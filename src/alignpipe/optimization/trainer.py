@@ -147,13 +147,8 @@ def completion_values(model, rows: list[Row], pad_id: int, cfg: OptimizationConf
             bar.update(task, advance=len(idx))
             return {i: picked[j][seq.mask[j].bool().to(picked.device)].cpu() for j, i in enumerate(idx)}
 
-        values: dict[int, torch.Tensor] = {}
-        if shared:
-            for part in distributed.map_chunks(batches, 1, lambda chunk, _: [run(chunk[0])]):
-                values |= part
-        else:
-            for batch_units in batches:
-                values |= run(batch_units)
+        parts = distributed.map_chunks(batches, 1, lambda chunk, _: [run(chunk[0])]) if shared else map(run, batches)
+        values = {i: value for part in parts for i, value in part.items()}
     model.train(was_training)
     return [values[i] for i in range(len(rows))]
 
