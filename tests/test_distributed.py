@@ -43,7 +43,9 @@ def _recipe(tmp_path: Path, model: Path, **changes) -> Path:
     return path
 
 
-EXAMPLE_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "one-node-cpu.yaml"
+EXAMPLES = Path(__file__).parents[1] / "examples" / "accelerate"
+EXAMPLE_CONFIG = EXAMPLES / "one-node-cpu.yaml"
+FSDP_CONFIGS = (EXAMPLES / "fsdp-full-shard.yaml", EXAMPLES / "fsdp-shard-grad-op.yaml")
 
 
 def _run(recipe: Path, output_dir: Path, processes: int | Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -65,12 +67,13 @@ def _assert_same_run(one: Path, two: Path) -> None:
     assert rows_one.keys() == rows_two.keys()
     for name in rows_one:
         assert rows_one[name] == rows_two[name], name
-    a = load_file(one / "final_model" / "adapter_model.safetensors")
-    b = load_file(two / "final_model" / "adapter_model.safetensors")
+    name = "adapter_model.safetensors" if (one / "final_model" / "adapter_model.safetensors").exists() \
+        else "model.safetensors"  # full fine-tuning
+    a, b = load_file(one / "final_model" / name), load_file(two / "final_model" / name)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
-    # and training moved the adapter (B starts at zero): the equality is not two untouched adapters
-    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
+    if name.startswith("adapter"):  # and training moved the adapter (B starts at zero): not two untouched adapters
+        assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s1["after"] == s2["after"]
     assert [r["examples"] for r in s1["rounds"]] == [r["examples"] for r in s2["rounds"]]
@@ -79,19 +82,41 @@ def _assert_same_run(one: Path, two: Path) -> None:
 
 
 def test_two_processes_write_what_one_writes(tmp_path, tiny_model_path):
+    """Data-parallel and FSDP (the decoder sharded while training, LoRA) against one process."""
     recipe = _recipe(tmp_path, tiny_model_path)
     single = _run(recipe, tmp_path / "one", 1)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = _run(recipe, tmp_path / "two", 2)
-    assert double.returncode == 0, double.stderr[-3000:] + double.stdout[-3000:]
-    assert "2 processes" in double.stdout
-    one, two = tmp_path / "one" / "dp", tmp_path / "two" / "dp"
-    assert len(list((two / "round-00" / "candidates-shards").glob("*.parquet"))) == 4
+    one = tmp_path / "one" / "dp"
     examples = [r["examples"] for r in json.loads((one / "summary.json").read_text())["rounds"]]
     assert any(n % 4 for n in examples) and min(examples) > 4, examples  # several batches, one split unevenly
-    _assert_same_run(one, two)
-    # only the main process wrote: no temporary or per-process files were left beside the rows
-    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for name, launch in [("two", 2), ("fsdp", FSDP_CONFIGS[0])]:
+        double = _run(recipe, tmp_path / name, launch)
+        assert double.returncode == 0, double.stderr[-3000:] + double.stdout[-3000:]
+        assert "2 processes" in double.stdout
+        assert ("FSDP while training" in " ".join(double.stdout.split())) == (name == "fsdp")
+        two = tmp_path / name / "dp"
+        assert len(list((two / "round-00" / "candidates-shards").glob("*.parquet"))) == 4
+        _assert_same_run(one, two)
+        # only the main process wrote: no temporary or per-process files were left beside the rows
+        assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_fsdp_full_fine_tuning_matches_one_process(tmp_path, tiny_model_path):
+    """Full fine-tuning under FSDP's other level (gradients and optimizer state sharded): the trained weights of
+    two processes equal one process's, and training moved them."""
+    optimization = {"objectives": [{"name": "dpo"}, {"name": "sft", "weight": 0.5}], "batch_size": 4,
+                    "adapter": None, "precision": "fp32", "max_length": 64, "learning_rate": 1e-4}
+    recipe = _recipe(tmp_path, tiny_model_path, optimization=optimization, rounds=1)
+    single = _run(recipe, tmp_path / "one", 1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _run(recipe, tmp_path / "fsdp", FSDP_CONFIGS[1])
+    assert double.returncode == 0, double.stderr[-3000:] + double.stdout[-3000:]
+    words = " ".join(double.stdout.split())  # rich wraps the console's lines
+    assert "FSDP while training: the decoder layers' gradients and optimizer state sharded" in words
+    _assert_same_run(tmp_path / "one" / "dp", tmp_path / "fsdp" / "dp")
+    trained = load_file(tmp_path / "fsdp" / "dp" / "final_model" / "model.safetensors")
+    start = load_file(tiny_model_path / "model.safetensors")
+    assert max((trained[k] - start[k]).abs().max().item() for k in start if "layers" in k) > 1e-5
 
 
 def test_killed_two_process_run_resumes(tmp_path, tiny_model_path):
@@ -114,9 +139,12 @@ def test_killed_two_process_run_resumes(tmp_path, tiny_model_path):
     ({"synthesis": {"prompts_per_round": 2, "samples_per_prompt": 2}}, ["--num-processes", "3"],
      "3 processes for synthesis.prompts_per_round=2"),
     ({}, ["--num-processes", "2", "--accelerate-config", "missing.yaml"], "--accelerate-config missing.yaml: no such file"),
+    ({}, ["--accelerate-config", "deepspeed.yaml"], "DEEPSPEED: alignpipe shards with FSDP instead"),
 ])
 def test_bad_launch_fails_with_one_line(tmp_path, tiny_model_path, changes, args, message):
     recipe = _recipe(tmp_path, tiny_model_path, **changes)
+    (tmp_path / "deepspeed.yaml").write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n"
+                                             "num_processes: 2\n")
     out = subprocess.run([sys.executable, "-m", "alignpipe", "run", str(recipe), "--output-dir", str(tmp_path / "r"),
                           *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "ALIGNPIPE_THREADS": "1"})

@@ -20,6 +20,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+# DeepSpeed's engine wraps the model, its backward and its optimizer; alignpipe calls the decoder and the head
+# itself, so it shards with FSDP (optimization/sharding.py), which has the same two levels
+DEEPSPEED_ERROR = ("accelerate config with distributed_type: DEEPSPEED: alignpipe shards with FSDP instead "
+                   "(examples/accelerate/fsdp-full-shard.yaml shards as ZeRO-3 does, fsdp-shard-grad-op.yaml as ZeRO-2)")
+
 
 def world_size() -> int:
     """How many processes run this recipe (accelerate's launcher sets WORLD_SIZE; 1 without it)."""
@@ -115,7 +120,7 @@ def local_share(indices: list[int]) -> tuple[list[int], float]:
 def average_gradients(params: list[Any]) -> None:
     """Average the gradients of `params` over the processes (one all-reduce of the flattened gradients: the
     arithmetic of DistributedDataParallel, applied after backward). Parameters without a gradient count as 0."""
-    if world_size() == 1:
+    if world_size() == 1 or not params:
         return
     import torch
     import torch.distributed as dist

@@ -12,8 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from alignpipe import AlignpipeError
 from alignpipe.config import Recipe
+from alignpipe.distributed import DEEPSPEED_ERROR
 
 OWN_OPTIONS = ("--num-processes", "--accelerate-config")
 
@@ -40,6 +43,8 @@ def launch_command(num_processes: int, config: str | None, run_args: list[str]) 
         if not Path(config).is_file():
             raise AlignpipeError(f"--accelerate-config {config}: no such file (write one with `accelerate config "
                                  f"--config_file {config}`)")
+        if str(_config_keys(config).get("distributed_type", "")).upper() == "DEEPSPEED":
+            raise AlignpipeError(f"--accelerate-config {config}: {DEEPSPEED_ERROR}")
         cmd += ["--config_file", config]
         if num_processes > 1:
             cmd += ["--num_processes", str(num_processes)]
@@ -47,6 +52,14 @@ def launch_command(num_processes: int, config: str | None, run_args: list[str]) 
         cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     return cmd + ["-m", "alignpipe", "run", *strip_own_options(run_args)]
+
+
+def _config_keys(config: str) -> dict:
+    try:
+        keys = yaml.safe_load(Path(config).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise AlignpipeError(f"--accelerate-config {config}: not a readable YAML file ({exc})") from None
+    return keys if isinstance(keys, dict) else {}
 
 
 def check_processes(recipe: Recipe, n: int) -> None:

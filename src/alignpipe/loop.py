@@ -44,6 +44,7 @@ from alignpipe.models import (
     resolve_model_path,
     save_checkpoint,
 )
+from alignpipe.optimization import sharding
 from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.trainer import optimize, round_providers
 from alignpipe.precision import describe as describe_precision
@@ -354,6 +355,7 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         raise AlignpipeError(f"model_adapter: continue trains the adapter {recipe.model} on; optimization.adapter "
                              f"is null (full fine-tuning): set model_adapter: merge, or an adapter")
     check_processes(recipe, distributed.world_size())
+    fsdp = sharding.from_environment() if distributed.world_size() > 1 else None  # a bad FSDP config fails here
     with distributed.main_first():  # a merged adapter is cached once, by the main process
         model_path = resolve_model_path(recipe.model, "base" if continue_adapter else "merge")
     tokenizer = load_tokenizer(model_path)
@@ -378,7 +380,8 @@ def run(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                   f"{len(data.heldout)} held-out, {recipe.rounds} round(s), "
                   f"{describe_precision(recipe.optimization.precision, 'cuda' if torch.cuda.is_available() else 'cpu')}, "
                   f"{torch.get_num_threads()} torch threads"
-                  + (f" in each of {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
+                  + (f" in each of {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
+                  + (f", {fsdp.describe()}" if fsdp else ""))
 
     # on this process's accelerator from the start, so the held-out evaluation, sampling and the reference passes
     # run there too, not only training

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -26,6 +27,7 @@ from alignpipe import distributed
 from alignpipe.allocator import release_free_memory
 from alignpipe.config import OptimizationConfig
 from alignpipe.killpoints import killpoint
+from alignpipe.optimization import sharding
 from alignpipe.optimization.batching import collate
 from alignpipe.optimization.instances import Instances, Row
 from alignpipe.optimization.logprobs import SequenceLogps, sequence_logps
@@ -277,14 +279,11 @@ def optimize(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     flat, flat_groups = instances.flat_rows(), instances.flat_groups()
 
-    # Fixed for the whole round: computed once, before the first step.
+    # Fixed for the whole round: computed once, before the first step (on the whole model: each process
+    # scores its own batches).
     fixed: dict[str, list[torch.Tensor]] = {}
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    moving = None
-    if any(s.needs_reference for s in specs) and cfg.reference == "moving":
-        moving = MovingReference(params, cfg.ref_sync_alpha, cfg.ref_sync_every, [n for n, _ in named])
-    elif any(s.needs_reference for s in specs):
+    moving_reference = any(s.needs_reference for s in specs) and cfg.reference == "moving"
+    if any(s.needs_reference for s in specs) and not moving_reference:
         fixed["ref_token_logps"] = reference_logps(model, flat, pad_id, cfg, "reference log-probs", reference_model,
                                                    flat_groups, shared=True)
     if any(s.needs_old_policy for s in specs):
@@ -297,6 +296,14 @@ def optimize(
                                                                             flat_groups, shared=True)
         signal |= labelled(implicit_reward_signal(instances.kind, before, fixed["ref_token_logps"],
                                                   objective_beta(terms)), "before")
+    settings = sharding.from_environment() if distributed.world_size() > 1 else None
+    if distributed.world_size() > 1:  # data-parallel: each process runs its share of a batch, step() averages the
+        model.to(accelerator.device)  # gradients (no DDP wrapper: the forward passes call the decoder and head)
+    sharded = sharding.shard(model, settings) if settings else []  # FSDP: whole again after the steps
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    moving = MovingReference(params, cfg.ref_sync_alpha, cfg.ref_sync_every, [n for n, _ in named]) \
+        if moving_reference else None
     ctx = RoundContext(model, tokenizer, instances, cfg, pad_id, accelerator.device, reference_model, moving)
     providers = round_providers(specs, instances.kind, cfg, providers if providers is not None else [])
     for provider in providers:
@@ -308,8 +315,7 @@ def optimize(
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if distributed.world_size() == 1:
         model, optimizer = accelerator.prepare(model, optimizer)
-    else:  # data-parallel: each process runs its share of a batch, step() averages the gradients (no DDP
-        model.to(accelerator.device)  # wrapper: the forward passes call the decoder and the head directly)
+    whole = [p for p in params if not isinstance(p, DTensor)]  # FSDP averages the sharded ones' gradients
     model.train()
     rng = random.Random(seed)
     lengths = [sum(len(ids) for ids, _ in rows) for rows in instances.rows] if cfg.length_bucketing else None
@@ -320,7 +326,7 @@ def optimize(
 
     def step() -> None:
         nonlocal updates
-        distributed.average_gradients(params)
+        distributed.average_gradients(whole)
         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # the norm before clipping
         if norm is not None:
             grad_norms.append(float(norm))
@@ -368,6 +374,7 @@ def optimize(
                 bar.update(task, advance=1, info=f"loss {logged['loss']:.4f}")
             if (micro + 1) % cfg.grad_accum:  # flush a partial accumulation at the end of an epoch
                 step()
+    sharding.unshard(sharded)
     if measure:
         after = completion_logps(model, flat, pad_id, cfg, "signal after", flat_groups, shared=True)
         signal |= labelled(implicit_reward_signal(instances.kind, after, fixed["ref_token_logps"],
