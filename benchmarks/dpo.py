@@ -4,7 +4,9 @@ Same model (the embedded SmolLM2-135M-Instruct unless --model), same hh-rlhf pai
 the same chat-templated prompt text and responses on both sides, same batches in the same order, batch size,
 max length, precision (fp32), optimizer (torch AdamW, constant lr, clip 1.0), DPO sigmoid loss (beta 0.1), full
 fine-tuning or LoRA (r 16, alpha 32, dropout 0, the same 7 projection modules), reference log-probs precomputed
-before the first step in both, no gradient checkpointing in either (TRL's default is on: --trl-gradient-checkpointing).
+before the first step in both, gradient checkpointing in both as each defaults (TRL recomputes whole layers, alignpipe
+keeps the MLP's gate/up projections: `optimization.gradient_checkpointing: selective`; --no-gradient-checkpointing
+turns both off).
 
 Truncation: TRL 1.16 only keeps the start of prompt + completion (`truncation_mode="keep_start"`), alignpipe keeps
 the completion and cuts the prompt's start, so the two would train on different tokens for an over-long pair. The
@@ -211,7 +213,9 @@ def run_alignpipe(spec: RunSpec) -> dict[str, Any]:
                              reference="base", learning_rate=spec.learning_rate, weight_decay=0.0, epochs=1,
                              batch_size=spec.batch_size, max_grad_norm=1.0, max_length=spec.max_length,
                              precision="fp32", measure_signal=False,
-                             gradient_checkpointing=spec.gradient_checkpointing)
+                             # on: alignpipe's default kind ("selective"); TRL's side recomputes whole layers
+                             gradient_checkpointing=OptimizationConfig().gradient_checkpointing
+                             if spec.gradient_checkpointing else False)
     examples = [PairExample(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, margin=1.0) for p in spec.pairs]
     drawn: list[list[int]] = []
     original = trainer._batches

@@ -105,7 +105,7 @@ def trl_settings(recipe: Any) -> dict[str, Any]:
         beta=params["beta"], epsilon=params["epsilon"], scale_rewards="group",
         loss_type={"sequence": "grpo", "token": "bnpo"}[params.get("aggregation", "sequence")],
         learning_rate=opt.learning_rate, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-        weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm, gradient_checkpointing=opt.gradient_checkpointing,
+        weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm, gradient_checkpointing=bool(opt.gradient_checkpointing),
         bf16=False, fp16=False, seed=recipe.seed, shuffle_dataset=False)
 
 

@@ -86,7 +86,7 @@ def main() -> None:
             for p in prompts]
         cfg = OptimizationConfig.model_validate({"objectives": [{"name": "dpo", "beta": 0.1}, {"name": "sft"}],
                                                  "batch_size": 8, "max_length": 384, "precision": "auto",
-                                                 "gradient_checkpointing": not args.no_checkpointing})
+                                                 "gradient_checkpointing": "selective" if not args.no_checkpointing else False})
         out["train"] = optimize(model, tokenizer, examples, cfg)
     out["seconds"] = round(time.perf_counter() - started, 1)
     out["stage_peak_rss_mb"] = round(meter.peak, 1)

@@ -7,8 +7,9 @@ import torch
 from alignpipe.config import ObjectiveTerm, OptimizationConfig
 from alignpipe.models import load_policy, load_tokenizer
 from alignpipe.optimization.batching import collate, encode
+from alignpipe.optimization.instances import Instances
 from alignpipe.optimization.logprobs import sequence_logps
-from alignpipe.optimization.trainer import optimize, reference_context
+from alignpipe.optimization.trainer import gradient_checkpointing, optimize, reference_context
 from alignpipe.records import GroupExample, PairExample
 
 
@@ -169,7 +170,7 @@ def test_gradient_checkpointing_trains_exactly_as_without(tiny_model_path):
     for adapter in (True, False):
         for sharing in (True, False):
             trained = []
-            for checkpointing in (True, False):
+            for checkpointing in ("selective", True, False):
                 torch.manual_seed(0)
                 model = load_policy(tiny_model_path)
                 if adapter:
@@ -182,6 +183,38 @@ def test_gradient_checkpointing_trains_exactly_as_without(tiny_model_path):
                 base = model.get_base_model() if adapter else model
                 assert not base.is_activation_checkpointing
                 trained.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-            assert trained[0].keys() == trained[1].keys()
-            diff = max((trained[0][n] - trained[1][n]).abs().max().item() for n in trained[0])
-            assert diff < 1e-6, (adapter, sharing, diff)
+            for checkpointed in trained[:2]:
+                assert checkpointed.keys() == trained[2].keys()
+                diff = max((checkpointed[n] - trained[2][n]).abs().max().item() for n in trained[2])
+                assert diff < 1e-6, (adapter, sharing, diff)
+
+
+def test_selective_checkpointing_skips_recomputing_the_mlp_projections(tiny_model_path):
+    """Under "selective", backward recomputes two matmuls fewer per decoder layer (the gate and up projections,
+    kept from the forward pass) than under full checkpointing, LoRA's rank-r matmuls still recomputed."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    tok = load_tokenizer(tiny_model_path)
+    batch = collate(Instances(_pairs(tok), tok, 64).batch_rows([0, 1]), tok.pad_token_id)
+    counts = {}
+    for mode in (True, "selective"):
+        torch.manual_seed(0)
+        model = get_peft_model(load_policy(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        model.train()
+        with gradient_checkpointing(model, mode):
+            logps = sequence_logps(model, **batch).logps.sum()
+            with CountMatmuls() as counter:
+                logps.backward()
+        counts[mode] = counter.count
+    layers = load_policy(tiny_model_path).config.num_hidden_layers
+    assert counts[True] - counts["selective"] == 2 * layers, counts
