@@ -190,8 +190,9 @@ def test_gradient_checkpointing_trains_exactly_as_without(tiny_model_path):
 
 
 def test_selective_checkpointing_skips_recomputing_the_mlp_projections(tiny_model_path):
-    """Under "selective", backward recomputes two matmuls fewer per decoder layer (the gate and up projections,
-    kept from the forward pass) than under full checkpointing, LoRA's rank-r matmuls still recomputed."""
+    """Under "selective" (full fine-tuning), backward recomputes two matmuls fewer per decoder layer (the gate and
+    up projections, kept from the forward pass) than under full checkpointing; under LoRA it recomputes whole
+    layers."""
     from peft import LoraConfig, get_peft_model
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -207,14 +208,18 @@ def test_selective_checkpointing_skips_recomputing_the_mlp_projections(tiny_mode
     tok = load_tokenizer(tiny_model_path)
     batch = collate(Instances(_pairs(tok), tok, 64).batch_rows([0, 1]), tok.pad_token_id)
     counts = {}
-    for mode in (True, "selective"):
-        torch.manual_seed(0)
-        model = get_peft_model(load_policy(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        model.train()
-        with gradient_checkpointing(model, mode):
-            logps = sequence_logps(model, **batch).logps.sum()
-            with CountMatmuls() as counter:
-                logps.backward()
-        counts[mode] = counter.count
+    for adapter in (False, True):
+        for mode in (True, "selective"):
+            torch.manual_seed(0)
+            model = load_policy(tiny_model_path)
+            if adapter:
+                model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+            model.train()
+            with gradient_checkpointing(model, mode):
+                logps = sequence_logps(model, **batch).logps.sum()
+                with CountMatmuls() as counter:
+                    logps.backward()
+            counts[adapter, mode] = counter.count
     layers = load_policy(tiny_model_path).config.num_hidden_layers
-    assert counts[True] - counts["selective"] == 2 * layers, counts
+    assert counts[False, True] - counts[False, "selective"] == 2 * layers, counts
+    assert counts[True, True] == counts[True, "selective"], counts

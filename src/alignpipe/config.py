@@ -347,9 +347,9 @@ class OptimizationConfig(Strict):
     # true: keep only each decoder layer's input in the forward pass and recompute the rest in backward: activation
     # memory falls from ~50 KB to ~2 KB per token and layer (a batch of 16 x 300 tokens on the embedded model:
     # 6.5 GB -> 2.2 GB in bf16) for one more forward pass. selective: the same, but the outputs of the MLP's
-    # gate and up projections (half the layer's multiply-adds) are kept, not recomputed: ~8 KB per token and
-    # layer, 1.1-1.2x faster steps (docs/performance.md). false: nothing recomputed. Not for prefix/prompt
-    # tuning (peft's virtual tokens).
+    # gate and up projections (half the layer's multiply-adds) are kept, not recomputed: ~12 KB more per token and
+    # layer, 1.1x faster full fine-tuning steps (docs/performance.md); under an adapter, as true. false: nothing
+    # recomputed. Not for prefix/prompt tuning (peft's virtual tokens).
     gradient_checkpointing: bool | Literal["selective"] = "selective"
     temperature: float = Field(1.0, gt=0)  # divide logits by the sampling temperature (on-policy RL)
     # bf16: autocast matmuls (log-probs and losses stay fp32); auto: bf16 only where the CPU/GPU has it natively

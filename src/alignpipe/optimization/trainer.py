@@ -197,8 +197,9 @@ def keep_mlp_projections(config: Any) -> Callable[[], Any] | None:
 def gradient_checkpointing(model: PreTrainedModel, mode: bool | str) -> Iterator[None]:
     """The model's decoder layers checkpointed (non-reentrant: recomputed in backward, same values and
     gradients) while the block runs, as it was afterwards. `mode`: True (recompute all of a layer), "selective"
-    (keep the MLP's gate/up projections, `keep_mlp_projections`), False (off). Skipped for prompt-learning
-    adapters (prefix tuning feeds its virtual tokens as a cache) and models that cannot."""
+    (keep the MLP's gate/up projections, `keep_mlp_projections`, under full fine-tuning; as True under an
+    adapter), False (off). Skipped for prompt-learning adapters (prefix tuning feeds its virtual tokens as a cache)
+    and models that cannot."""
     peft_config = getattr(model, "active_peft_config", None)
     prompt_learning = peft_config is not None and peft_config.is_prompt_learning
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -207,7 +208,9 @@ def gradient_checkpointing(model: PreTrainedModel, mode: bool | str) -> Iterator
         yield
         return
     kwargs: dict[str, Any] = {"use_reentrant": False}
-    selective = keep_mlp_projections(base.config) if mode == "selective" else None
+    # selective under an adapter: the policy runs in Python for every op, and LoRA adds six ops to each projection;
+    # measured on the embedded model, that costs about what it saves (docs/performance.md), so whole layers there
+    selective = keep_mlp_projections(base.config) if mode == "selective" and peft_config is None else None
     if selective is not None:
         kwargs["context_fn"] = selective
     base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
