@@ -50,7 +50,7 @@ def test_auto_is_the_default_of_every_recipe():
 
 
 def test_trainer_autocast_follows_the_resolved_precision(monkeypatch):
-    from alignpipe.optimization.trainer import autocast
+    from alignpipe.optimization.scoring import autocast
 
     x = torch.randn(4, 4)
     for native, dtype in ((False, torch.float32), (True, torch.bfloat16)):

@@ -29,6 +29,7 @@ from alignpipe.optimization.batching import collate
 from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.providers import RoundContext
 from alignpipe.optimization.providers.heads import HeadOptions, RewardHead, ValueHead, apply_head
+from alignpipe.optimization.scoring import autocast
 from alignpipe.optimization.trainer import optimize
 from alignpipe.records import GroupExample, PointExample
 
@@ -162,12 +163,12 @@ def test_bf16_autocast_keeps_the_head_in_float32(tiny_model_path, tok):
     provider = ValueHead(HeadOptions(init_std=0.2))
     provider.prepare(ctx)
     batch = collate(ctx.instances.batch_rows([0]), ctx.pad_id)
-    with trainer.autocast(cfg, torch.device("cpu")):
+    with autocast(cfg, torch.device("cpu")):
         seq = sequence_logps(model, **batch)
     out = provider.batch(ctx, [0], seq, {})
     assert out["values"].dtype == out["old_values"].dtype == torch.float32
     assert provider.heads["value"].weight.dtype == torch.float32
-    with trainer.autocast(cfg, torch.device("cpu")):  # inside autocast, on bf16 hidden: cast up, not down
+    with autocast(cfg, torch.device("cpu")):  # inside autocast, on bf16 hidden: cast up, not down
         got = apply_head(provider.heads["value"], seq.hidden.bfloat16())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, apply_head(provider.heads["value"], seq.hidden.bfloat16().float()))

@@ -20,7 +20,8 @@ from alignpipe.config import ObjectiveTerm, OptimizationConfig
 from alignpipe.optimization.batching import collate
 from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.providers import PROVIDERS
-from alignpipe.optimization.trainer import MovingReference, optimize
+from alignpipe.optimization.reference import MovingReference
+from alignpipe.optimization.trainer import optimize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

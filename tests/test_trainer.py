@@ -7,9 +7,11 @@ import torch
 from alignpipe.config import ObjectiveTerm, OptimizationConfig
 from alignpipe.models import load_policy, load_tokenizer
 from alignpipe.optimization.batching import collate, encode
+from alignpipe.optimization.checkpointing import gradient_checkpointing
 from alignpipe.optimization.instances import Instances
 from alignpipe.optimization.logprobs import sequence_logps
-from alignpipe.optimization.trainer import gradient_checkpointing, optimize, reference_context
+from alignpipe.optimization.reference import reference_context
+from alignpipe.optimization.trainer import optimize
 from alignpipe.records import GroupExample, PairExample
 
 
@@ -88,7 +90,7 @@ def test_grpo_raises_group_reward(tiny_model_path):
 
 def test_moving_reference_soft_update_and_swap():
     """TR-DPO: ref <- a*theta + (1-a)*ref every `every` steps; swapping in leaves the live weights intact."""
-    from alignpipe.optimization.trainer import MovingReference
+    from alignpipe.optimization.reference import MovingReference
 
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     mover = MovingReference([w], alpha=0.6, every=2)
@@ -118,7 +120,7 @@ def test_dpo_with_moving_reference_trains(tiny_model_path):
 
 
 def test_bf16_autocast_logps_close_to_fp32(tiny_model_path):
-    from alignpipe.optimization.trainer import autocast
+    from alignpipe.optimization.scoring import autocast
 
     tok = load_tokenizer(tiny_model_path)
     model = load_policy(tiny_model_path).eval()

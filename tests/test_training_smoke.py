@@ -41,7 +41,8 @@ from alignpipe.models import attach_adapter, load_policy
 from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, ObjectiveSpec
 from alignpipe.optimization.providers import provided
-from alignpipe.optimization.trainer import optimize, reference_context
+from alignpipe.optimization.reference import reference_context
+from alignpipe.optimization.trainer import optimize
 
 LEARNING_RATE = 3e-3
 CALLS, EPOCHS = 6, 5  # 6 optimize() calls x 5 epochs x 1 full-data batch = 30 optimizer steps

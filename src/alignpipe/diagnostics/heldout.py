@@ -16,7 +16,7 @@ from typing import Any
 from alignpipe.config import OptimizationConfig
 from alignpipe.optimization.batching import encode
 from alignpipe.optimization.conversation import encode_conversation
-from alignpipe.optimization.trainer import completion_logps
+from alignpipe.optimization.scoring import completion_logps
 from alignpipe.records import Prompt
 
 

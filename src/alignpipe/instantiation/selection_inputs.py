@@ -53,7 +53,7 @@ def pair_logps(model: Any, tokenizer: Any, examples: list[PairExample], cfg: Any
     # imported here: instantiation comes before optimization in the pipeline and must not need it to load
     from alignpipe.config import OptimizationConfig
     from alignpipe.optimization.instances import Instances
-    from alignpipe.optimization.trainer import completion_logps, reference_logps
+    from alignpipe.optimization.scoring import completion_logps, reference_logps
 
     cfg = (cfg or OptimizationConfig()).model_copy(update={"temperature": 1.0})
     if not examples:

@@ -1,4 +1,7 @@
-"""The training loop: read it top to bottom.
+"""The training loop: read it top to bottom. What it stands on, bottom-up: `logprobs.py` (forward passes and
+completion log-probs), `reference.py` (the reference policy by mode), `scoring.py` (gradient-free passes under the
+policy or the reference), `checkpointing.py` and `sharding.py` (memory while training), `providers/` (what the
+recipe's objectives need beyond log-probs).
 
 1. tokenise the round's examples (`Instances`: pair, point or group layout);
 2. precompute what stays fixed during the round, once: reference log-probs and, for on-policy groups,
@@ -10,18 +13,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
-from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe import distributed
@@ -30,209 +29,15 @@ from alignpipe.config import OptimizationConfig
 from alignpipe.killpoints import killpoint
 from alignpipe.optimization import sharding
 from alignpipe.optimization.batching import collate
-from alignpipe.optimization.instances import Instances, Row
-from alignpipe.optimization.logprobs import SequenceLogps, sequence_logps
+from alignpipe.optimization.checkpointing import gradient_checkpointing
+from alignpipe.optimization.instances import Instances
+from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.objectives import OBJECTIVES, combined_loss
 from alignpipe.optimization.providers import InputProvider, RoundContext, providers_for, validate_options
+from alignpipe.optimization.reference import MovingReference
 from alignpipe.optimization.round_signal import implicit_reward_signal, labelled, objective_beta
-from alignpipe.precision import resolve_precision
+from alignpipe.optimization.scoring import autocast, completion_logps, place, reference_logps
 from alignpipe.progress import progress
-
-T = TypeVar("T")
-
-
-def reference_context(model: PreTrainedModel, reference: str = "base") -> contextlib.AbstractContextManager:
-    """The reference policy without a second copy.
-
-    "base": adapters disabled (the frozen base under LoRA / IA3 / prefix tuning);
-    "round_start": the policy as it is before the round's first step (ref = M_t of iterative DPO,
-    the staged reference of sDPO). Under full fine-tuning "base" needs a frozen copy: the loop passes
-    one as `reference_model` instead.
-    """
-    if reference == "base" and hasattr(model, "disable_adapter"):
-        return model.disable_adapter()
-    return contextlib.nullcontext()
-
-
-class MovingReference:
-    """TR-DPO's soft-updated reference (arXiv 2404.09656) over the trainable parameters: a shadow copy
-    that is swapped in to compute reference log-probs, and pulled toward the policy every `every` steps
-    by ref <- alpha * theta + (1 - alpha) * ref. Under LoRA the shadow is the adapter (reference =
-    base + shadow adapter), which starts equal to the policy at the start of the round.
-
-    Two ways to compute under the shadow: `swapped_in()` copies it into the live parameters (the trainer,
-    before the policy forward); `state()` / `call()` substitute it functionally, leaving the live parameters
-    and the autograd graph of a forward already run untouched (input providers, after that forward). The
-    latter need `names`, the parameters' names in the model (`named_parameters`)."""
-
-    def __init__(self, params: list[torch.nn.Parameter], alpha: float, every: int, names: list[str] | None = None):
-        self.params, self.alpha, self.every, self.names = params, alpha, every, names
-        self.shadow = [p.detach().clone() for p in params]
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """The shadow weights by parameter name (for `torch.func.functional_call` on the model)."""
-        if self.names is None:
-            raise ValueError("MovingReference built without parameter names")
-        return dict(zip(self.names, self.shadow, strict=True))
-
-    def call(self, model: torch.nn.Module, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(model, *args, **kwargs)` with the shadow substituted for the live trainable parameters of `model`,
-        functionally (`torch.func.functional_call` on a wrapper whose only submodule is `model`)."""
-        state = {f"model.{name}": tensor for name, tensor in self.state().items()}
-        return functional_call(_Apply(model), state, (fn, *args), kwargs)
-
-    @contextlib.contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        live = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, r in zip(self.params, self.shadow, strict=True):
-                p.copy_(r)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, live, strict=True):
-                    p.copy_(v)
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        if step % self.every == 0:
-            for p, r in zip(self.params, self.shadow, strict=True):
-                r.mul_(1 - self.alpha).add_(p.detach(), alpha=self.alpha)
-
-
-class _Apply(torch.nn.Module):
-    """`forward(fn, ...)` = `fn(model, ...)`: lets `functional_call` substitute `model`'s parameters around any
-    function of the model (not only its `forward`)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return fn(self.model, *args, **kwargs)
-
-
-@torch.no_grad()
-def completion_values(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
-                      per_position: Callable[[SequenceLogps], torch.Tensor] = lambda seq: seq.token_logps,
-                      groups: list[list[int]] | None = None, shared: bool = False) -> list[torch.Tensor]:
-    """Per row, `per_position(seq)` ([B, L-1, ...]: the token log-probs by default) at its completion
-    positions, computed without gradient, dropout off, in length-sorted batches. `groups`: rows that share a
-    prompt (`Instances.flat_groups`), kept together in a batch and packed when `cfg.prefix_sharing`.
-    `shared`: every process of a multi-process run calls this on the same rows; each computes every N-th batch
-    and all get all values (the batches do not depend on N, so neither do the values)."""
-    was_training = model.training
-    model.eval()
-    packed = bool(groups) and cfg.prefix_sharing
-    units = groups if packed else [[i] for i in range(len(rows))]
-    units = sorted(units, key=lambda g: max(len(rows[i][0]) for i in g))  # similar lengths pad little
-    batches: list[list[list[int]]] = [[]]
-    for unit in units:  # about batch_size * 4 rows a batch, a group never split
-        if batches[-1] and sum(map(len, batches[-1])) + len(unit) > cfg.batch_size * 4:
-            batches.append([])
-        batches[-1].append(unit)
-    device = next(model.parameters()).device
-    with progress(transient=True) as bar:
-        task = bar.add_task(desc, total=len(rows), info="")
-
-        def run(batch_units: list[list[int]]) -> dict[int, torch.Tensor]:
-            idx = [i for unit in batch_units for i in unit]
-            local, at = [], 0
-            for unit in batch_units:
-                local.append(list(range(at, at + len(unit))))
-                at += len(unit)
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
-            with autocast(cfg, device):
-                seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
-                                     groups=local if packed else None)
-            picked = per_position(seq)
-            bar.update(task, advance=len(idx))
-            return {i: picked[j][seq.mask[j].bool().to(picked.device)].cpu() for j, i in enumerate(idx)}
-
-        parts = distributed.map_chunks(batches, 1, lambda chunk, _: [run(chunk[0])]) if shared else map(run, batches)
-        values = {i: value for part in parts for i, value in part.items()}
-    model.train(was_training)
-    return [values[i] for i in range(len(rows))]
-
-
-def completion_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
-                     groups: list[list[int]] | None = None, shared: bool = False) -> list[torch.Tensor]:
-    """Per row, the log-probs of its completion tokens (1-D), computed in length-sorted batches (`shared`: as in
-    `completion_values`)."""
-    return completion_values(model, rows, pad_id, cfg, desc, groups=groups, shared=shared)
-
-
-def reference_logps(model, rows: list[Row], pad_id: int, cfg: OptimizationConfig, desc: str,  # noqa: ANN001
-                    reference_model: PreTrainedModel | None = None,
-                    groups: list[list[int]] | None = None, shared: bool = False) -> list[torch.Tensor]:
-    """`completion_logps` under the reference: the frozen copy when there is one (full fine-tuning against
-    the base), else the policy inside `reference_context` (adapters disabled, or the policy as it is)."""
-    if reference_model is not None:
-        return completion_logps(reference_model, rows, pad_id, cfg, desc, groups, shared)
-    with reference_context(model, cfg.reference):
-        return completion_logps(model, rows, pad_id, cfg, desc, groups, shared)
-
-
-def keep_mlp_projections(config: Any) -> Callable[[], Any] | None:
-    """A selective-checkpointing context for torch's `checkpoint`: the outputs of the matmuls from the hidden size
-    to the MLP's intermediate size (a Llama-style layer's gate and up projections) are saved in the forward pass;
-    every other op is recomputed in backward. None where the config names no intermediate size."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    hidden, inner = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
-    if not hidden or not inner or hidden == inner:
-        return None
-    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-
-    def policy(_ctx: Any, op: Any, *args: Any, **_kwargs: Any) -> CheckpointPolicy:
-        if op in matmuls and args[-2].shape[-1] == hidden and args[-1].shape[-1] == inner:
-            return CheckpointPolicy.MUST_SAVE  # [tokens, hidden] @ [hidden, intermediate]: not LoRA's rank-r parts
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-    return functools.partial(create_selective_checkpoint_contexts, policy)
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(model: PreTrainedModel, mode: bool | str) -> Iterator[None]:
-    """The model's decoder layers checkpointed (non-reentrant: recomputed in backward, same values and
-    gradients) while the block runs, as it was afterwards. `mode`: True (recompute all of a layer), "selective"
-    (keep the MLP's gate/up projections, `keep_mlp_projections`, under full fine-tuning; as True under an
-    adapter), False (off). Skipped for prompt-learning adapters (prefix tuning feeds its virtual tokens as a cache)
-    and models that cannot."""
-    peft_config = getattr(model, "active_peft_config", None)
-    prompt_learning = peft_config is not None and peft_config.is_prompt_learning
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not mode or prompt_learning or not getattr(base, "supports_gradient_checkpointing", False) \
-            or base.is_activation_checkpointing:
-        yield
-        return
-    kwargs: dict[str, Any] = {"use_reentrant": False}
-    # selective under an adapter: the policy runs in Python for every op, and LoRA adds six ops to each projection;
-    # measured on the embedded model, that costs about what it saves (docs/performance.md), so whole layers there
-    selective = keep_mlp_projections(base.config) if mode == "selective" and peft_config is None else None
-    if selective is not None:
-        kwargs["context_fn"] = selective
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    try:
-        yield
-    finally:
-        base.activation_checkpointing_disable()
-
-
-def autocast(cfg: OptimizationConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the model's matmuls when the precision resolves to bf16 (`auto`: only where the
-    device computes bf16 natively, see `alignpipe.precision`); log-softmax and losses stay in fp32
-    (logprobs.py casts the logits)."""
-    enabled = resolve_precision(cfg.precision, device.type) == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _place(per_row: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Scatter per-row completion values into the [N, L-1] layout of a training batch."""
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(
-        mask.bool(), torch.cat(per_row).to(mask.device)
-    )
 
 
 def round_providers(specs: list, kind: str, cfg: OptimizationConfig, kept: list[InputProvider]) -> list[InputProvider]:
@@ -382,7 +187,7 @@ def optimize(
                     seq = sequence_logps(model, **batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
                                          groups=groups)
                 positions = instances.flat_positions(indices)
-                placed = {name: _place([values[p] for p in positions], seq.mask) for name, values in fixed.items()}
+                placed = {name: place([values[p] for p in positions], seq.mask) for name, values in fixed.items()}
                 if live_ref is not None:
                     placed["ref_token_logps"] = live_ref
                 tensors = instances.tensors(indices, seq, placed)

@@ -51,7 +51,7 @@ class NoOptions(BaseModel):
 class RoundContext:
     """What a provider may use: the policy, its tokenizer, the round's instances, the optimization config,
     the padding id, the device, and how to get reference log-probs (`reference_model` under full
-    fine-tuning, else the adapter-disabled policy: `trainer.reference_context`; under `reference: moving`,
+    fine-tuning, else the adapter-disabled policy: `reference.reference_context`; under `reference: moving`,
     the shadow weights of `moving`, used functionally: see the module docstring)."""
 
     model: Any
@@ -61,7 +61,7 @@ class RoundContext:
     pad_id: int
     device: torch.device
     reference_model: Any = None
-    moving: Any = None  # trainer.MovingReference under `reference: moving` (TR-DPO), else None
+    moving: Any = None  # reference.MovingReference under `reference: moving` (TR-DPO), else None
 
 
 class InputProvider:

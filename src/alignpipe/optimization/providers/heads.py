@@ -34,6 +34,7 @@ from alignpipe.optimization.logprobs import SequenceLogps
 from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.objectives.rl import last_token_index
 from alignpipe.optimization.providers import InputProvider, RoundContext, register_provider
+from alignpipe.optimization.scoring import completion_values, place
 
 
 class HeadOptions(BaseModel):
@@ -167,11 +168,7 @@ class _HeadProvider(InputProvider):
 
 def rollout_values(ctx: RoundContext, heads: nn.ModuleDict) -> dict[str, list[torch.Tensor]]:
     """Per head, per row of `ctx.instances.flat_rows()`: the head's values at the row's completion positions
-    (1-D), under the policy as it is now (one pass of `trainer.completion_values` for all heads)."""
-    from alignpipe.optimization.trainer import (
-        completion_values,  # the trainer imports this package: import late
-    )
-
+    (1-D), under the policy as it is now (one pass of `scoring.completion_values` for all heads)."""
     keys = list(heads)
     per_row = completion_values(ctx.model, ctx.instances.flat_rows(), ctx.pad_id, ctx.cfg, "old values",
                                 lambda seq: torch.stack([apply_head(heads[k], seq.hidden) for k in keys], -1),
@@ -212,15 +209,13 @@ class ValueHead(_HeadProvider):
 
     def batch(self, ctx: RoundContext, indices: list[int], seq: SequenceLogps, placed: dict[str, torch.Tensor]
               ) -> dict[str, torch.Tensor]:
-        from alignpipe.optimization.trainer import _place
-
         positions = ctx.instances.flat_positions(indices)
         hidden = self._hidden(seq)
         out = {}
         for key, head in self.heads.items():
             live, old = self.CRITICS[key]
             out[live] = apply_head(head, hidden).to(seq.mask.device) * seq.mask
-            out[old] = _place([self._old[key][p] for p in positions], seq.mask)
+            out[old] = place([self._old[key][p] for p in positions], seq.mask)
         return out
 
 

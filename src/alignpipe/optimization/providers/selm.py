@@ -5,7 +5,7 @@ L = -logsig(beta h) + alpha * beta * ( logp_theta(y_ref) - logp_ref(y_ref) ),  y
 `sampled_logps` [B] is logp_theta(y_ref | x), a token sum with gradient, from one extra policy forward over the
 batch's sampled rows; `ref_sampled_logps` [B] is the same under the reference, computed once per round in
 `prepare` exactly as the trainer computes the reference log-probs of chosen / rejected (a frozen copy under
-full fine-tuning, else `trainer.reference_context`).
+full fine-tuning, else `reference.reference_context`).
 
 y_ref is `PairExample.sampled`: instantiation draws it uniformly from the prompt's candidates, which are samples
 of the round-start policy (the "previous iterate" SELM's reference is). Pairs without one (offline data, whose
@@ -22,6 +22,7 @@ from alignpipe import AlignpipeError
 from alignpipe.optimization.batching import collate, encode
 from alignpipe.optimization.logprobs import SequenceLogps, sequence_logps
 from alignpipe.optimization.providers import InputProvider, RoundContext, register_provider
+from alignpipe.optimization.scoring import autocast, reference_logps
 
 
 @register_provider
@@ -32,8 +33,6 @@ class SelmSample(InputProvider):
     provides = {"pair": frozenset({"sampled_logps", "ref_sampled_logps"})}
 
     def prepare(self, ctx: RoundContext) -> None:
-        from alignpipe.optimization.trainer import reference_logps  # the trainer imports us: import late
-
         examples = ctx.instances.examples
         if any(e.sampled is None for e in examples):
             raise AlignpipeError("sampled_logps: pair examples carry no `sampled` response (a policy sample for the "
@@ -52,8 +51,6 @@ class SelmSample(InputProvider):
 
     def batch(self, ctx: RoundContext, indices: list[int], seq: SequenceLogps, placed: dict[str, torch.Tensor]
               ) -> dict[str, torch.Tensor]:
-        from alignpipe.optimization.trainer import autocast
-
         device = seq.logps.device
         batch = {k: v.to(device) for k, v in collate([self.rows[i] for i in indices], ctx.pad_id).items()}
         kwargs = {**batch, "temperature": ctx.cfg.temperature, "chunk_size": ctx.cfg.logprob_chunk}

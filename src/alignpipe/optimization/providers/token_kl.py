@@ -31,6 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from alignpipe.optimization.logprobs import SequenceLogps, _split_head
 from alignpipe.optimization.providers import InputProvider, RoundContext, register_provider
+from alignpipe.optimization.reference import reference_context
+from alignpipe.optimization.scoring import autocast
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -121,7 +123,7 @@ class TokenKL(InputProvider):
     The reference distribution comes from a no-grad forward of the reference for each batch (dropout
     off), its hidden states kept and its logits recomputed chunk by chunk beside the policy's:
     - `ctx.reference_model` when given (full fine-tuning against the frozen base);
-    - `reference: base` under an adapter: the adapter disabled (`trainer.reference_context`);
+    - `reference: base` under an adapter: the adapter disabled (`reference.reference_context`);
     - `reference: round_start`, or no adapter and no reference copy: the trainable parameters as they
       were at `prepare` (a snapshot swapped in with `torch.func.functional_call`, so the policy's live
       parameters and the graph of its forward are untouched; under full fine-tuning the snapshot is a
@@ -153,8 +155,6 @@ class TokenKL(InputProvider):
 
     def _reference(self, ctx: RoundContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Head]:
         """Reference hidden states [N, L-1, H] (no grad) and a pure reference head."""
-        from alignpipe.optimization.trainer import reference_context
-
         ids, attn = batch["input_ids"], batch["attention_mask"]
         moving = ctx.moving if ctx.cfg.reference == "moving" else None
         if ctx.reference_model is not None and moving is None:
@@ -173,8 +173,6 @@ class TokenKL(InputProvider):
 
     def batch(self, ctx: RoundContext, indices: list[int], seq: SequenceLogps, placed: dict[str, torch.Tensor]
               ) -> dict[str, torch.Tensor]:
-        from alignpipe.optimization.trainer import autocast
-
         if seq.hidden is None:
             raise ValueError("token_kl needs the policy's hidden states (SequenceLogps.hidden)")
         batch = _batch_inputs(ctx, indices)
@@ -207,8 +205,6 @@ class LogSumSq(InputProvider):
 
     def batch(self, ctx: RoundContext, indices: list[int], seq: SequenceLogps, placed: dict[str, torch.Tensor]
               ) -> dict[str, torch.Tensor]:
-        from alignpipe.optimization.trainer import autocast
-
         if seq.hidden is None:
             raise ValueError("logsumsq needs the policy's hidden states (SequenceLogps.hidden)")
         mask = seq.mask.bool()

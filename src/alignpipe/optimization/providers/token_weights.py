@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from alignpipe.optimization.logprobs import SequenceLogps
 from alignpipe.optimization.objectives.pairwise_tokens import tisdpo_weights
 from alignpipe.optimization.providers import InputProvider, RoundContext, register_provider
+from alignpipe.optimization.scoring import completion_logps, place, reference_logps
 
 
 class TokenWeightOptions(BaseModel):
@@ -95,8 +96,6 @@ class TokenWeights(InputProvider):
         self.values: list[torch.Tensor] = []  # per flat row: weights of its completion tokens (1-D)
 
     def _logps(self, ctx: RoundContext, path: str | None, role: str) -> list[torch.Tensor]:
-        from alignpipe.optimization.trainer import completion_logps, reference_logps
-
         rows = ctx.instances.flat_rows()
         desc = f"TIS-DPO {role} log-probs"
         if path is not None:
@@ -122,9 +121,7 @@ class TokenWeights(InputProvider):
 
     def batch(self, ctx: RoundContext, indices: list[int], seq: SequenceLogps, placed: dict[str, torch.Tensor]
               ) -> dict[str, torch.Tensor]:
-        from alignpipe.optimization.trainer import _place
-
         positions = ctx.instances.flat_positions(indices)
-        weights = _place([self.values[p] for p in positions], seq.mask)
+        weights = place([self.values[p] for p in positions], seq.mask)
         n = len(indices)
         return {"chosen_token_weights": weights[:n], "rejected_token_weights": weights[n:]}
