@@ -49,6 +49,7 @@ bench: $(BIN)/.installed-bench
 	$(BIN)/python benchmarks/dpo.py $(BENCH_DPO_ARGS) --out bench-results/dpo.json
 	$(BIN)/python benchmarks/grpo.py --out bench-results/grpo.json
 	$(BIN)/python benchmarks/shared_prefill.py
+	$(BIN)/python benchmarks/fsdp_memory.py --out bench-results/fsdp-memory.json
 
 lint: setup
 	$(BIN)/ruff check src tests
