@@ -66,7 +66,9 @@ def run(name: str, config: str | None, args: argparse.Namespace, work: Path) -> 
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     launch += ["--config_file", str(HERE.parent / "examples" / "accelerate" / config)] if config else \
         ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--num_processes", "2", str(Path(__file__).resolve()), "--worker", "--result", str(result),
+    from alignpipe.distributed import free_port
+
+    launch += ["--num_processes", "2", "--main_process_port", str(free_port()), str(Path(__file__).resolve()), "--worker", "--result", str(result),
                "--pairs", str(args.pairs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
     if args.model:
         launch += ["--model", args.model]

@@ -185,6 +185,10 @@ def test_launch_command_strips_its_own_options(tmp_path):
     cmd = launch_command(2, None, args)
     assert cmd[cmd.index("--num_processes") + 1] == "2"
     assert cmd[-5:] == ["alignpipe", "run", "r.yaml", "--set", "rounds=1"]
+    assert 0 < int(cmd[cmd.index("--main_process_port") + 1]) < 65536  # a free port, not torchrun's fixed one
+    two_machines = tmp_path / "two.yaml"
+    two_machines.write_text("num_machines: 2\nmain_process_port: 29400\n")
+    assert "--main_process_port" not in launch_command(2, str(two_machines), ["r.yaml"])  # the config's own
     config = tmp_path / "fsdp.yaml"
     config.write_text("distributed_type: FSDP\n")
     assert launch_command(1, str(config), ["r.yaml"])[3:5] == ["--config_file", str(config)]

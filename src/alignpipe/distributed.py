@@ -26,6 +26,16 @@ DEEPSPEED_ERROR = ("accelerate config with distributed_type: DEEPSPEED: alignpip
                    "(examples/accelerate/fsdp-full-shard.yaml shards as ZeRO-3 does, fsdp-shard-grad-op.yaml as ZeRO-2)")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: the rendezvous port of a single-machine launch (torchrun's fixed default,
+    29500, is taken while another launch on the machine runs or has just ended)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def world_size() -> int:
     """How many processes run this recipe (accelerate's launcher sets WORLD_SIZE; 1 without it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

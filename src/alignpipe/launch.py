@@ -16,7 +16,7 @@ import yaml
 
 from alignpipe import AlignpipeError
 from alignpipe.config import Recipe
-from alignpipe.distributed import DEEPSPEED_ERROR
+from alignpipe.distributed import DEEPSPEED_ERROR, free_port
 
 OWN_OPTIONS = ("--num-processes", "--accelerate-config")
 
@@ -43,14 +43,17 @@ def launch_command(num_processes: int, config: str | None, run_args: list[str]) 
         if not Path(config).is_file():
             raise AlignpipeError(f"--accelerate-config {config}: no such file (write one with `accelerate config "
                                  f"--config_file {config}`)")
-        if str(_config_keys(config).get("distributed_type", "")).upper() == "DEEPSPEED":
+        keys = _config_keys(config)
+        if str(keys.get("distributed_type", "")).upper() == "DEEPSPEED":
             raise AlignpipeError(f"--accelerate-config {config}: {DEEPSPEED_ERROR}")
         cmd += ["--config_file", config]
+        if str(keys.get("num_machines") or 1) == "1" and "main_process_port" not in keys:
+            cmd += ["--main_process_port", str(free_port())]  # one machine: any free port, not a fixed one
         if num_processes > 1:
             cmd += ["--num_processes", str(num_processes)]
     else:  # one machine, N local processes; --multi_gpu is accelerate's torchrun launcher, which also runs on CPUs
         cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     return cmd + ["-m", "alignpipe", "run", *strip_own_options(run_args)]
 
 
