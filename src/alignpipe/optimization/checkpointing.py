@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from alignpipe.models import base_model
+
 
 def keep_mlp_projections(config: Any) -> Callable[[], Any] | None:
     """A selective-checkpointing context for torch's `checkpoint`: the outputs of the matmuls from the hidden size
@@ -40,7 +42,7 @@ def gradient_checkpointing(model: PreTrainedModel, mode: bool | str) -> Iterator
     and models that cannot."""
     peft_config = getattr(model, "active_peft_config", None)
     prompt_learning = peft_config is not None and peft_config.is_prompt_learning
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if not mode or prompt_learning or not getattr(base, "supports_gradient_checkpointing", False) \
             or base.is_activation_checkpointing:
         yield

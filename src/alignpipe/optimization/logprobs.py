@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from alignpipe.models import base_model
 from alignpipe.optimization.packing import attention_for, pack_groups
 
 
@@ -35,7 +36,7 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return None  # prefix/prompt tuning injects virtual tokens in the wrapper's forward
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     # Soft-capped or rescaled logits (Gemma 2, Cohere) are not a plain linear head: fall back.
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from alignpipe import AlignpipeError, distributed
+from alignpipe.models import base_model
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,9 @@ def from_environment(env: dict[str, str] | None = None) -> Sharding | None:
     return Sharding(reshard_after_forward=reshard.lower() == "true")
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _units(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     """(the decoder layers, the decoder) of a causal LM, innermost first: the order they are sharded in."""
-    base = _base(model)
+    base = base_model(model)
     layer_classes = set(getattr(base, "_no_split_modules", None) or [])
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if not layer_classes or decoder is None or decoder is base:
@@ -86,7 +83,7 @@ def shard(model: nn.Module, settings: Sharding) -> list[nn.Module]:
     from torch.distributed.fsdp import fully_shard
 
     layers, decoder = _units(model)
-    base = _base(model)
+    base = base_model(model)
     whole = {p for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None
              for p in m.parameters()}
     sharded = []
@@ -113,8 +110,9 @@ def unshard(modules: list[nn.Module]) -> None:
         if group is not None:
             for fsdp_param in group.fsdp_params:
                 info, sharded = fsdp_param._module_info, fsdp_param.sharded_param  # noqa: SLF001
-                whole = sharded.full_tensor() if isinstance(sharded, DTensor) else sharded
-                param = nn.Parameter(whole.detach().clone(), requires_grad=sharded.requires_grad)
+                # full_tensor() gathers into a new tensor: no copy needed
+                whole = sharded.full_tensor() if isinstance(sharded, DTensor) else sharded.detach().clone()
+                param = nn.Parameter(whole.detach(), requires_grad=sharded.requires_grad)
                 owners = [(info.module, info.param_name),  # and where the tensor is tied within the unit
                           *zip(info.shared_modules, info.shared_param_names, strict=True)]
                 for owner, name in owners:

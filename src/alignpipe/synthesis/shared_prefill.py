@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from alignpipe.models import base_model
+
 
 def supports_shared_prefill(model: Any) -> bool:
     """False for peft prompt-learning adapters (prefix tuning): they inject their own KV cache, which a
@@ -24,19 +26,15 @@ def supports_shared_prefill(model: Any) -> bool:
     return not getattr(config, "is_prompt_learning", False)
 
 
-def _base(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _forward_params(model: Any) -> set[str]:
-    return set(inspect.signature(_base(model).forward).parameters)
+    return set(inspect.signature(base_model(model).forward).parameters)
 
 
 def _new_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
     try:  # with its config the cache knows sliding-window layers
-        return DynamicCache(config=_base(model).config)
+        return DynamicCache(config=base_model(model).config)
     except TypeError:  # older transformers
         return DynamicCache()
 

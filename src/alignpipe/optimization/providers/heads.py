@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from alignpipe.models import base_model
 from alignpipe.optimization.logprobs import SequenceLogps
 from alignpipe.optimization.objectives import OBJECTIVES
 from alignpipe.optimization.objectives.rl import last_token_index
@@ -51,7 +52,7 @@ class HeadOptions(BaseModel):
 
 def hidden_size(model: Any) -> int:
     """Width H of the policy's last hidden state (the LM head's input features)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if isinstance(head, nn.Linear):
         return head.in_features

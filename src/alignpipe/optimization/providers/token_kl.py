@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from alignpipe.models import base_model
 from alignpipe.optimization.logprobs import SequenceLogps, _split_head
 from alignpipe.optimization.providers import InputProvider, RoundContext, register_provider
 from alignpipe.optimization.reference import reference_context
@@ -42,7 +43,7 @@ def output_head(model: nn.Module) -> nn.Module:
 
     Raises ValueError for soft-capped or rescaled logits (Gemma 2, Cohere), where a full-vocabulary
     quantity cannot be computed from the last hidden state with the head alone."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     head = base.get_output_embeddings()
     if head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
