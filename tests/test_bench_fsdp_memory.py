@@ -22,7 +22,9 @@ def test_data_parallel_and_fsdp_rounds_report_both_processes(tiny_model_path, tm
     run = subprocess.run([sys.executable, str(BENCH), "--model", str(tiny_model_path), "--pairs", "4",
                           "--batch-size", "2", "--configs", "data-parallel", "fsdp-full-shard", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # the workers' own lines first: torchrun's failure summary fills the end of stderr
+    clues = [line for line in run.stderr.splitlines() if any(k in line for k in ("terminate", "what()", "Error", "rror:"))]
+    assert run.returncode == 0, "\n".join(clues[:40]) + "\n" + run.stderr[-2000:]
     results = json.loads(out.read_text())
     assert [r["config"] for r in results] == ["data-parallel", "fsdp-full-shard"]
     for result in results:
