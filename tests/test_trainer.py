@@ -191,10 +191,11 @@ def test_gradient_checkpointing_trains_exactly_as_without(tiny_model_path):
                 assert diff < 1e-6, (adapter, sharing, diff)
 
 
-def test_selective_checkpointing_skips_recomputing_the_mlp_projections(tiny_model_path):
-    """Under "selective" (full fine-tuning), backward recomputes two matmuls fewer per decoder layer (the gate and
-    up projections, kept from the forward pass) than under full checkpointing; under LoRA it recomputes whole
-    layers."""
+def test_selective_checkpointing_skips_recomputing_the_kept_projections(tiny_model_path):
+    """Under "selective", backward recomputes fewer matmuls per decoder layer than under full checkpointing: two
+    under full fine-tuning (the gate and up projections, kept from the forward pass), the seven frozen base
+    projections under LoRA on every linear layer (its rank-r matmuls are still recomputed), but only for the
+    layers whose outputs fit in `keep_mb`; the gradients are the same whatever is kept."""
     from peft import LoraConfig, get_peft_model
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -209,19 +210,34 @@ def test_selective_checkpointing_skips_recomputing_the_mlp_projections(tiny_mode
 
     tok = load_tokenizer(tiny_model_path)
     batch = collate(Instances(_pairs(tok), tok, 64).batch_rows([0, 1]), tok.pad_token_id)
-    counts = {}
-    for adapter in (False, True):
-        for mode in (True, "selective"):
-            torch.manual_seed(0)
-            model = load_policy(tiny_model_path)
-            if adapter:
-                model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-            model.train()
-            with gradient_checkpointing(model, mode):
-                logps = sequence_logps(model, **batch).logps.sum()
-                with CountMatmuls() as counter:
-                    logps.backward()
-            counts[adapter, mode] = counter.count
     layers = load_policy(tiny_model_path).config.num_hidden_layers
-    assert counts[False, True] - counts[False, "selective"] == 2 * layers, counts
-    assert counts[True, True] == counts[True, "selective"], counts
+    assert layers >= 2
+    runs = [(False, True, "all"), (False, "selective", "all"),  # (adapter, mode, what keep_mb allows)
+            (True, True, "all"), (True, "selective", "all"), (True, "selective", "one layer"), (True, "selective", "none")]
+    counts, grads = {}, {}
+    for adapter, mode, allowed in runs:
+        keep_mb = {"all": 512, "none": 0}.get(allowed, 0.0)
+        torch.manual_seed(0)
+        model = load_policy(tiny_model_path)
+        if adapter:
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+            first = [m for m in model.get_base_model().model.layers[0].modules()
+                     if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+            assert len(first) == 7
+            if allowed == "one layer":  # what one layer's seven projections output, in MB (fp32)
+                keep_mb = sum(m.out_features for m in first) * batch["input_ids"].numel() * 4 / 2**20
+        model.train()
+        with gradient_checkpointing(model, mode, keep_mb):
+            logps = sequence_logps(model, **batch).logps.sum()
+            with CountMatmuls() as counter:
+                logps.backward()
+        counts[adapter, mode, allowed] = counter.count
+        grads[adapter, mode, allowed] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    full, lora = counts[False, True, "all"], counts[True, True, "all"]
+    assert full - counts[False, "selective", "all"] == 2 * layers, counts
+    assert lora - counts[True, "selective", "all"] == 7 * layers, counts
+    assert lora - counts[True, "selective", "one layer"] == 7, counts
+    assert lora == counts[True, "selective", "none"], counts
+    for key, value in grads.items():
+        reference = grads[key[0], True, "all"]
+        assert max((a - b).abs().max().item() for a, b in zip(value, reference, strict=True)) < 1e-6, key

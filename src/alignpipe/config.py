@@ -346,11 +346,15 @@ class OptimizationConfig(Strict):
     length_bucketing: bool = True
     # true: keep only each decoder layer's input in the forward pass and recompute the rest in backward: activation
     # memory falls from ~50 KB to ~2 KB per token and layer (a batch of 16 x 300 tokens on the embedded model:
-    # 6.5 GB -> 2.2 GB in bf16) for one more forward pass. selective: the same, but the outputs of the MLP's
-    # gate and up projections (half the layer's multiply-adds) are kept, not recomputed: ~12 KB more per token and
-    # layer, 1.1x faster full fine-tuning steps (docs/performance.md); under an adapter, as true. false: nothing
+    # 6.5 GB -> 2.2 GB in bf16) for one more forward pass. selective: the same, but some matmul outputs are kept,
+    # not recomputed (docs/performance.md): under full fine-tuning the MLP's gate and up projections (half the
+    # layer's multiply-adds; ~12 KB more per token and layer, 1.1x faster steps); under an adapter the frozen base
+    # projections' outputs (~20 KB per token and layer in fp32), up to `checkpoint_keep_mb`. false: nothing
     # recomputed. Not for prefix/prompt tuning (peft's virtual tokens).
     gradient_checkpointing: bool | Literal["selective"] = "selective"
+    # under an adapter with selective checkpointing: the most memory (MB) of kept projection outputs alive at once;
+    # past it the later layers recompute theirs. 0: keep none (as true)
+    checkpoint_keep_mb: float = Field(512, ge=0)
     temperature: float = Field(1.0, gt=0)  # divide logits by the sampling temperature (on-policy RL)
     # bf16: autocast matmuls (log-probs and losses stay fp32); auto: bf16 only where the CPU/GPU has it natively
     # (AVX512-BF16, AMX, bf16 GPUs), else fp32: emulated bf16 on an AVX2-only CPU is ~30x slower

@@ -170,7 +170,7 @@ def optimize(
         if moving is not None:
             moving.after_step(updates)
 
-    with progress() as bar, gradient_checkpointing(model, cfg.gradient_checkpointing):
+    with progress() as bar, gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_keep_mb):
         task = bar.add_task("training", total=-(-len(examples) // cfg.batch_size) * cfg.epochs, info="")
         for _epoch in range(cfg.epochs):
             for micro, batch_indices in enumerate(_batches(len(examples), cfg.batch_size, rng, lengths)):
