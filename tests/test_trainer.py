@@ -241,3 +241,22 @@ def test_selective_checkpointing_skips_recomputing_the_kept_projections(tiny_mod
     for key, value in grads.items():
         reference = grads[key[0], True, "all"]
         assert max((a - b).abs().max().item() for a, b in zip(value, reference, strict=True)) < 1e-6, key
+
+
+def test_kept_projections_under_bf16_autocast_give_the_same_gradients(tiny_model_path):
+    """Under bf16 autocast the kept base projections are bf16 and backward multiplies in bf16 as autocast's own
+    linear does: the adapter's gradients equal those of whole-layer checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = load_tokenizer(tiny_model_path)
+    batch = collate(Instances(_pairs(tok), tok, 64).batch_rows([0, 1]), tok.pad_token_id)
+    grads = {}
+    for mode in (True, "selective"):
+        torch.manual_seed(0)
+        model = get_peft_model(load_policy(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        model.train()
+        with gradient_checkpointing(model, mode), torch.autocast("cpu", dtype=torch.bfloat16):
+            sequence_logps(model, **batch).logps.sum().backward()
+        grads[mode] = [p.grad for p in model.parameters() if p.requires_grad]
+    assert max(g.abs().max().item() for g in grads[True]) > 0
+    assert max((a - b).abs().max().item() for a, b in zip(grads["selective"], grads[True], strict=True)) < 1e-6
