@@ -4,9 +4,9 @@ Same model (the embedded SmolLM2-135M-Instruct unless --model), same hh-rlhf pai
 the same chat-templated prompt text and responses on both sides, same batches in the same order, batch size,
 max length, precision (fp32), optimizer (torch AdamW, constant lr, clip 1.0), DPO sigmoid loss (beta 0.1), full
 fine-tuning or LoRA (r 16, alpha 32, dropout 0, the same 7 projection modules), reference log-probs precomputed
-before the first step in both, gradient checkpointing in both as each defaults (TRL recomputes whole layers, alignpipe
-keeps the MLP's gate/up projections: `optimization.gradient_checkpointing: selective`; --no-gradient-checkpointing
-turns both off).
+before the first step in both, gradient checkpointing in both as each defaults (TRL recomputes whole layers;
+alignpipe's `optimization.gradient_checkpointing: selective` keeps the MLP's gate/up projections under full
+fine-tuning and the frozen base projections' outputs under LoRA; --no-gradient-checkpointing turns both off).
 
 Truncation: TRL 1.16 only keeps the start of prompt + completion (`truncation_mode="keep_start"`), alignpipe keeps
 the completion and cuts the prompt's start, so the two would train on different tokens for an over-long pair. The
