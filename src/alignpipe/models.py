@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,9 @@ def attach_adapter(model: PreTrainedModel, adapter) -> PreTrainedModel:  # noqa:
             peft.IA3Config(target_modules=adapter.target_modules, feedforward_modules=[], task_type="CAUSAL_LM")
     else:
         config = peft.PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
+        warnings.simplefilter("ignore", FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def tiny_model_dir(target: str | Path, vocab_from: str | Path | None = None, seed: int = 0) -> Path:
