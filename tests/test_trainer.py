@@ -260,3 +260,40 @@ def test_kept_projections_under_bf16_autocast_give_the_same_gradients(tiny_model
         grads[mode] = [p.grad for p in model.parameters() if p.requires_grad]
     assert max(g.abs().max().item() for g in grads[True]) > 0
     assert max((a - b).abs().max().item() for a, b in zip(grads["selective"], grads[True], strict=True)) < 1e-6
+
+
+def test_kept_projections_budget_is_free_again_after_each_backward(tiny_model_path):
+    """With LoRA on q/v only, a layer's down projection is frozen and nothing after it saves a tensor, so backward's
+    recomputation stops before it takes its kept output back. That output's bytes must count against the budget
+    only until the pass's graph is freed: with a budget of exactly every layer's outputs, later forward + backward
+    passes keep as much as the first (as many matmuls skipped)."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    tok = load_tokenizer(tiny_model_path)
+    batch = collate(Instances(_pairs(tok), tok, 64).batch_rows([0, 1]), tok.pad_token_id)
+    model = get_peft_model(load_policy(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    first = [m for m in model.get_base_model().model.layers[0].modules()
+             if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    layers = model.get_base_model().config.num_hidden_layers
+    keep_mb = layers * sum(m.out_features for m in first) * batch["input_ids"].numel() * 4 / 2**20
+    counts = []
+    for checkpointing in (True, "selective", "selective", "selective"):
+        with gradient_checkpointing(model, checkpointing, keep_mb):
+            for _ in range(1 if checkpointing is True else 3):
+                logps = sequence_logps(model, **batch).logps.sum()
+                with CountMatmuls() as counter:
+                    logps.backward()
+                counts.append(counter.count)
+    assert counts[0] - counts[1] >= 6 * layers, counts  # the projections were kept (down's is not retaken)
+    assert len(set(counts[1:])) == 1, counts

@@ -58,16 +58,29 @@ class _FrozenLinear(torch.autograd.Function):
         return grad.matmul(ctx.weight.to(grad.dtype)).to(ctx.input_dtype), None, None, None
 
 
+class _Queue(collections.deque):
+    """One checkpointed call's kept outputs. Backward's recomputation stops once it has every tensor that backward
+    needs, so the last projections of a layer may never take theirs back: their bytes are released when the call's
+    graph, and with it this queue, is freed."""
+
+    def __init__(self, owner: _KeptOutputs) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __del__(self) -> None:
+        self.owner.live -= sum(entry[0].nbytes for entry in self if entry is not None)
+
+
 class _KeptOutputs:
     """What one `gradient_checkpointing` block's frozen projections keep: per checkpointed call a queue of
     outputs (None where the budget was spent), and the bytes kept and not yet handed back, at most `budget`."""
 
     def __init__(self, budget: int) -> None:
         self.budget, self.live = budget, 0
-        self.calls: list[tuple[bool, collections.deque]] = []  # innermost call's (recording, queue) last
+        self.calls: list[tuple[bool, _Queue]] = []  # innermost call's (recording, queue) last
 
     @contextlib.contextmanager
-    def call(self, recording: bool, queue: collections.deque) -> Iterator[None]:
+    def call(self, recording: bool, queue: _Queue) -> Iterator[None]:
         self.calls.append((recording, queue))
         try:
             yield
@@ -78,7 +91,7 @@ class _KeptOutputs:
         """torch's `context_fn` for one checkpointed call: while its forward pass runs, each frozen projection
         records its output; while backward recomputes the call, the same projections, reached in the same order,
         take those outputs back instead of multiplying again."""
-        queue: collections.deque = collections.deque()
+        queue = _Queue(self)
         return self.call(True, queue), self.call(False, queue)
 
     def forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
