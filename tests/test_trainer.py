@@ -3,6 +3,7 @@
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alignpipe.config import ObjectiveTerm, OptimizationConfig
 from alignpipe.models import load_policy, load_tokenizer
@@ -13,6 +14,18 @@ from alignpipe.optimization.logprobs import sequence_logps
 from alignpipe.optimization.reference import reference_context
 from alignpipe.optimization.trainer import optimize
 from alignpipe.records import GroupExample, PairExample
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts the matmuls (mm, addmm) that run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
 
 
 def _pairs(tok):
@@ -197,16 +210,6 @@ def test_selective_checkpointing_skips_recomputing_the_kept_projections(tiny_mod
     projections under LoRA on every linear layer (its rank-r matmuls are still recomputed), but only for the
     layers whose outputs fit in `keep_mb`; the gradients are the same whatever is kept."""
     from peft import LoraConfig, get_peft_model
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountMatmuls(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-            return func(*args, **(kwargs or {}))
 
     tok = load_tokenizer(tiny_model_path)
     batch = collate(Instances(_pairs(tok), tok, 64).batch_rows([0, 1]), tok.pad_token_id)
@@ -268,16 +271,6 @@ def test_kept_projections_budget_is_free_again_after_each_backward(tiny_model_pa
     only until the pass's graph is freed: with a budget of exactly every layer's outputs, later forward + backward
     passes keep as much as the first (as many matmuls skipped)."""
     from peft import LoraConfig, get_peft_model
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountMatmuls(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-            return func(*args, **(kwargs or {}))
 
     tok = load_tokenizer(tiny_model_path)
     batch = collate(Instances(_pairs(tok), tok, 64).batch_rows([0, 1]), tok.pad_token_id)
