@@ -208,7 +208,15 @@ def attach_adapter(model: PreTrainedModel, adapter) -> PreTrainedModel:  # noqa:
             peft.IA3Config(target_modules=adapter.target_modules, feedforward_modules=[], task_type="CAUSAL_LM")
     else:
         config = peft.PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
+    return wrap_with_adapter(model, config)
+
+
+def wrap_with_adapter(model: PreTrainedModel, config: Any) -> Any:
+    """peft's `get_peft_model(model, config)`, without the FutureWarning it raises by asking transformers a
+    deprecated question (is_gradient_checkpointing) on every call."""
+    import peft
+
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return peft.get_peft_model(model, config)
 

@@ -19,7 +19,6 @@ import json
 import math
 import random
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from alignpipe.evaluation.reward_model import (
     split_pairs,
     train_reward_model,
 )
+from alignpipe.models import wrap_with_adapter
 from alignpipe.progress import progress
 
 METHODS = ("head", "lora")
@@ -117,10 +117,8 @@ def train_lora_reward_model(backbone_dir: str | Path, train_pairs: list, out_dir
     targets = sorted({name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)})
     if not targets:
         raise AlignpipeError(f"{type(backbone).__name__} has no linear layers for a LoRA adapter")
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
-        warnings.simplefilter("ignore", FutureWarning)
-        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                             target_modules=targets))
+    wrapped = wrap_with_adapter(model, peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                       target_modules=targets))
     head.weight.requires_grad_(True)  # peft froze everything but the adapter; the head is not wrapped
     if head.bias is not None:
         head.bias.requires_grad_(True)

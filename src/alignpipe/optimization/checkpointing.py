@@ -1,7 +1,8 @@
 """Gradient checkpointing of the decoder layers while a round trains (`optimization.gradient_checkpointing`):
 whole layers recomputed in backward, or selectively: under full fine-tuning the MLP's gate/up projections are
 kept (torch's selective-checkpointing policy); under an adapter the outputs of the frozen projections are kept
-(`_KeptOutputs`, within a memory budget), so that backward recomputes only the layer's cheap parts and the adapter's own."""
+(`_KeptOutputs`, within a memory budget), so that backward recomputes only the layer's cheap parts and the
+adapter's own."""
 
 from __future__ import annotations
 
