@@ -134,6 +134,7 @@ class Meter:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.step_ends: list[float] = []
+        self.step_usage: list[tuple[float, float, int]] = []  # (user s, system s, minor page faults) at each end
         self.tokens_seen: list[int] = []
         self.rss_before_train_mb: float | None = None
         self._torch = torch
@@ -142,6 +143,8 @@ class Meter:
 
     def _on_step(self, *_: Any) -> None:
         self.step_ends.append(time.perf_counter())
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.step_usage.append((usage.ru_utime, usage.ru_stime, usage.ru_minflt))
 
     def _on_forward(self, _module: Any, args: tuple, kwargs: dict) -> None:
         if not self._torch.is_grad_enabled():
@@ -168,11 +171,14 @@ def summarise(spec: RunSpec, meter: Meter, tokens_per_step: list[int]) -> dict[s
     start = meter.step_ends[spec.warmup - 1]
     measured = tokens_per_step[spec.warmup:]
     seconds = meter.step_ends[-1] - start
+    (user0, sys0, faults0), (user1, sys1, faults1) = meter.step_usage[spec.warmup - 1], meter.step_usage[-1]
     return {"framework": spec.framework, "mode": spec.mode, "max_length": spec.max_length,
             "batch_size": spec.batch_size, "warmup": spec.warmup, "steps": spec.steps,
             "measured_steps": len(measured), "tokens": sum(measured), "tokens_all_steps": sum(tokens_per_step),
             "tokens_per_step": tokens_per_step, "seconds": seconds, "tokens_per_s": sum(measured) / seconds,
             "step_time_s": seconds / len(measured), "peak_rss_mb": peak_rss_mb(),
+            # CPU time of the same window: user time moves less than wall time when the machine is shared
+            "user_s": user1 - user0, "system_s": sys1 - sys0, "minor_faults": faults1 - faults0,
             "rss_before_train_mb": meter.rss_before_train_mb}
 
 
@@ -199,13 +205,11 @@ def _load(spec: RunSpec) -> tuple[Any, Any, float, Meter]:
 def run_alignpipe(spec: RunSpec) -> dict[str, Any]:
     """alignpipe's `optimize()` on the spec's pairs (one epoch = warmup + steps batches)."""
 
-    from alignpipe.allocator import configure_allocator
     from alignpipe.config import AdapterConfig, ObjectiveTerm, OptimizationConfig
     from alignpipe.models import attach_adapter
     from alignpipe.optimization import trainer
     from alignpipe.records import PairExample
 
-    configure_allocator()  # as `alignpipe run` does (allocator.py); TRL's worker keeps glibc's defaults
     tokenizer, model, rss_load, meter = _load(spec)
     adapter = AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGETS) if spec.mode == "lora" else None
     model = attach_adapter(model, adapter)
@@ -286,6 +290,10 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
 def worker(spec_path: Path, result_path: Path) -> None:
     raw = json.loads(spec_path.read_text())
     spec = RunSpec(**{**raw, "pairs": [BenchPair(**p) for p in raw["pairs"]]})
+    if spec.framework == "alignpipe":  # as `alignpipe run` does, before torch's first allocation (allocator.py)
+        from alignpipe.allocator import configure_allocator
+
+        configure_allocator()
     result = (run_alignpipe if spec.framework == "alignpipe" else run_trl)(spec)
     result_path.write_text(json.dumps(result))
 
@@ -382,7 +390,9 @@ def main() -> None:
                         result = run_in_subprocess(spec, Path(work)) | {"repeat": repeat}
                         results.append(result)
                         print(f"  {mode:<4} {fw:<9} #{repeat + 1}: {result['tokens_per_s']:.1f} tokens/s, "
-                              f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+                              f"peak RSS {result['peak_rss_mb']:.0f} MB, measured steps: "
+                              f"{result['tokens'] / result['user_s']:.1f} tokens per user-CPU-s, "
+                              f"{result['system_s']:.1f} s system, {result['minor_faults']} page faults", flush=True)
     rows, text = table(results)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

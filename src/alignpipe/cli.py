@@ -29,11 +29,12 @@ def _setup(ctx: typer.Context) -> None:
     cgroup quota, busy cores) shared among the processes of a multi-process run; ALIGNPIPE_THREADS overrides.
     Under accelerate's launcher, join its process group."""
     if ctx.invoked_subcommand in HEAVY:
-        from alignpipe import distributed
         from alignpipe.allocator import configure_allocator
+
+        configure_allocator()  # first: before torch's first allocation (ALIGNPIPE_MALLOC, allocator.py)
+        from alignpipe import distributed
         from alignpipe.threads import configure_threads
 
-        configure_allocator()  # ALIGNPIPE_MALLOC: fast (default) or lean (allocator.py)
         configure_threads()
         distributed.init()
 

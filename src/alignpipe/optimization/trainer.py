@@ -24,7 +24,6 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe import distributed
-from alignpipe.allocator import release_free_memory
 from alignpipe.config import OptimizationConfig
 from alignpipe.killpoints import killpoint
 from alignpipe.optimization import sharding
@@ -165,7 +164,6 @@ def optimize(
             grad_norms.append(float(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        release_free_memory()  # the step's freed activations go back before the next step (allocator.py)
         updates += 1
         if moving is not None:
             moving.after_step(updates)
