@@ -56,3 +56,36 @@ def test_chunked_gradients_equal_naive(tiny_model_path):
     ref_sum.sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad.to(grads[n].dtype), atol=1e-4, rtol=1e-3)
+
+
+def test_frozen_head_gradients_equal_naive(tiny_model_path):
+    """A frozen LM head (LoRA: the tied embedding takes no gradient) goes through `_FrozenHeadLogps`, whose
+    backward only scales a direction computed in the forward pass: values and every trainable parameter's
+    gradient equal the textbook computation's, at two temperatures and with weighted positions."""
+    from alignpipe.optimization import logprobs
+
+    model = load_policy(tiny_model_path)
+    tok = load_tokenizer(tiny_model_path)
+    batch = _batch(tok)
+    model.get_output_embeddings().weight.requires_grad_(False)  # tied: the input embedding is frozen too
+    calls = []
+    original = logprobs._FrozenHeadLogps.apply
+    logprobs._FrozenHeadLogps.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        for temperature in (1.0, 0.7):
+            weights = torch.tensor([1.0, -2.0, 0.5])
+            seq = sequence_logps(model, **batch, temperature=temperature, chunk_size=3)
+            (seq.logps * weights).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            model.zero_grad()
+            ref_sum, ref_tok = naive_logps(model, **batch, temperature=temperature)
+            (ref_sum * weights.double()).sum().backward()
+            torch.testing.assert_close(seq.token_logps.double(), ref_tok, atol=1e-5, rtol=1e-5)
+            assert grads and all(g.abs().sum() > 0 for g in grads.values())
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    torch.testing.assert_close(grads[n], p.grad.to(grads[n].dtype), atol=1e-4, rtol=1e-3)
+            model.zero_grad()
+    finally:
+        logprobs._FrozenHeadLogps.apply = original
+    assert calls  # the frozen-head path ran

@@ -4,6 +4,8 @@ The LM head runs only on completion positions (the prompt and padding never reac
 positions at a time: gather the label logit, subtract the chunk's logsumexp. Under autograd each chunk
 is checkpointed, so its [chunk, vocab] logits are recomputed in backward instead of being kept.
 Peak extra memory is one chunk of logits instead of [batch, length, vocab] plus its log-softmax copy.
+A frozen head (LoRA) needs no recomputation at all: `_FrozenHeadLogps` works out each position's gradient
+direction in the forward pass, and backward only scales it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,45 @@ def _label_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, t
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log p(target | h) = (h W^T + b)[target] / T - logsumexp((h W^T + b) / T) for a head whose weight takes no
+    gradient. Its gradient with respect to h is (W[target] - softmax(logits) W) / T: a [P, H] tensor that the
+    forward pass computes from the logits it already has, so backward is one multiply. Against a checkpointed
+    chunk this saves the logits' recomputation and the backward's [P, V] softmax (one of three vocabulary-size
+    matmuls per completion token) and keeps [P, H] instead of nothing."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,  # noqa: ANN001
+                bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+        raw = torch.nn.functional.linear(hidden, weight, bias)  # autocast's dtype, as the head's own call
+        logits = raw.float() / temperature
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        picked = logits.gather(-1, targets.unsqueeze(-1))
+        # onehot(target) - softmax, in place (the logits are not needed again), in fp32 before the matmul casts
+        # it: the rounding of the plain backward, which multiplies the same [P, V] gradient by W
+        coeffs = logits.sub_(lse).exp_().neg_().scatter_add_(-1, targets.unsqueeze(-1), torch.ones_like(lse))
+        direction = coeffs.to(raw.dtype) @ weight.to(raw.dtype)
+        ctx.save_for_backward(direction)
+        ctx.scale, ctx.hidden_dtype = 1.0 / temperature, hidden.dtype
+        return (picked - lse).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (direction,) = ctx.saved_tensors
+        grad_hidden = (grad.unsqueeze(-1) * ctx.scale * direction.float()).to(ctx.hidden_dtype)
+        return grad_hidden, None, None, None, None
+
+
+def _chunk_logps(h: torch.Tensor, t: torch.Tensor, head: nn.Module, temperature: float) -> torch.Tensor:
+    """One chunk's label log-probs: without a graph when nothing needs one; through `_FrozenHeadLogps` when only
+    the hidden states take gradients (a frozen linear head); else checkpointed (logits recomputed in backward)."""
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return _label_logps(h, t, head, temperature)
+    if type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters()):
+        return _FrozenHeadLogps.apply(h, t, head.weight, head.bias, temperature)
+    return checkpoint(_label_logps, h, t, head, temperature, use_reentrant=False)
+
+
 def sequence_logps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -94,10 +135,7 @@ def sequence_logps(
         pieces = []
         for start in range(0, hidden_sel.shape[0], chunk_size):
             h, t = hidden_sel[start : start + chunk_size], targets_sel[start : start + chunk_size]
-            if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(_label_logps, h, t, head, temperature, use_reentrant=False))
-            else:
-                pieces.append(_label_logps(h, t, head, temperature))
+            pieces.append(_chunk_logps(h, t, head, temperature))
         selected = torch.cat(pieces) if pieces else hidden_sel.new_zeros(0, dtype=torch.float32)
     token_logps = token_logps.masked_scatter(mask, selected)
     return SequenceLogps(
