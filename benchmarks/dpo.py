@@ -17,8 +17,10 @@ Figures: tokens/s = the non-padding tokens of chosen + rejected rows (prompt inc
 of the measured steps, over the time from the end of optimizer step `warmup` to the end of step warmup + steps
 (a global optimizer step hook: the same boundaries in both frameworks, each step including its collation, forward,
 backward, clipping and update). Peak RSS: ru_maxrss of the worker process; `before-train` is its value at the first
-forward with gradients (model load + reference precompute). Each run is its own process; per configuration the runs
-alternate alignpipe / TRL, `--repeats` times.
+forward with gradients (model load + reference precompute). `user_s`, `system_s`, `minor_faults`: the worker's user
+and system CPU time and minor page faults over the measured steps (getrusage). Each run is its own process, which
+applies alignpipe's allocator policy (`ALIGNPIPE_MALLOC`) before importing torch for alignpipe and leaves glibc's
+and torch's defaults for TRL; per configuration the runs alternate alignpipe / TRL, `--repeats` times.
 
     nice -n 5 .venv/bin/python benchmarks/dpo.py --lengths 256 512 --modes full lora --steps 10 --repeats 2 \
         --out bench-results/dpo.json

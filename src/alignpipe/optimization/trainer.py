@@ -144,7 +144,12 @@ def optimize(
     groups = [g for g in [{"params": params}] + [g for p in providers for g in p.param_groups()] if g["params"]]
     params = [p for g in groups for p in g["params"]]
 
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # torch's fused kernel where it can run (plain floating-point tensors on CPU or CUDA, not FSDP's DTensors): the
+    # same update in one pass per tensor, without the per-step temporaries of the default implementation
+    # (135M parameters on 2 CPU cores: 0.13 s a step against 0.4-0.8 s, docs/performance.md)
+    fused = all(type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                for p in params)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None)
     if distributed.world_size() == 1:
         model, optimizer = accelerator.prepare(model, optimizer)
     whole = [p for p in params if not isinstance(p, DTensor)]  # FSDP averages the sharded ones' gradients
